@@ -1,0 +1,51 @@
+"""Data layer: dataset registry (:func:`build`) and epoch-seeded loaders (:func:`make_loaders`).
+
+Datasets (``NAMES``): ``cifar10``/``cifar100`` (torchvision, downloadable),
+``tinyimagenet`` (official ``tiny-imagenet-200/`` tree, downloadable, disk-backed),
+``imagenet`` (ImageFolder ``train/``+``val/``, never downloaded, disk-backed),
+``digits`` (scikit-learn, bundled) and ``synthetic`` (generated). See
+:mod:`datasets.vision` and :mod:`datasets.small` for layouts, splits and statistics.
+"""
+
+from __future__ import annotations
+
+from .core import DataBundle, DatasetNotFoundError, take_subset
+from .loaders import make_loaders
+from .small import build_digits, build_synthetic
+from .vision import build_cifar, build_imagenet, build_tinyimagenet
+
+NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "digits", "synthetic")
+
+__all__ = ["NAMES", "DataBundle", "DatasetNotFoundError", "build", "make_loaders"]
+
+
+def _build_full(name: str, root: str, download: bool, synthetic: dict | None) -> DataBundle:
+    if name in ("cifar10", "cifar100"):
+        return build_cifar(name, root, download)
+    if name == "tinyimagenet":
+        return build_tinyimagenet(root, download)
+    if name == "imagenet":
+        return build_imagenet(root)
+    if name == "digits":
+        return build_digits()
+    return build_synthetic(synthetic)
+
+
+def build(name: str, root: str = "./data", download: bool = False, train_subset: int | None = None,
+          test_subset: int | None = None, synthetic: dict | None = None) -> DataBundle:
+    """Build the :class:`DataBundle` of dataset ``name``.
+
+    ``train_subset``/``test_subset`` keep a fixed, seed-independent, class-balanced
+    choice of ``min(N, size)`` examples (same choice for the dataset and its arrays).
+    ``synthetic`` overrides the synthetic set's options (``num_classes``,
+    ``train_size``, ``test_size``, ``image_size``) and is only accepted for it.
+    Raises :class:`DatasetNotFoundError` when the data is missing or unreadable.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(NAMES)}")
+    if synthetic is not None and name != "synthetic":
+        raise ValueError(f"synthetic options only apply to dataset 'synthetic', not {name!r}")
+    bundle = _build_full(name, str(root), download, synthetic)
+    bundle.train, bundle.train_arrays = take_subset(bundle.train, bundle.train_arrays, train_subset)
+    bundle.test, bundle.test_arrays = take_subset(bundle.test, bundle.test_arrays, test_subset)
+    return bundle

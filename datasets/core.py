@@ -1,0 +1,94 @@
+"""Shared pieces of the data layer: the bundle type, the error type, subsets and crops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+
+class DatasetNotFoundError(RuntimeError):
+    """A dataset is missing or unreadable on disk (and was not, or cannot be, downloaded)."""
+
+
+def not_found(name: str, path, layout: str, hint: str) -> DatasetNotFoundError:
+    """One-line error naming the dataset, the path looked at, the expected layout and a hint."""
+    return DatasetNotFoundError(f"{name} dataset not found or unreadable at '{path}': expected {layout}; {hint}")
+
+
+@dataclass
+class DataBundle:
+    """Everything the training engine needs to know about one dataset.
+
+    ``train``/``test`` yield ``(float32 CHW tensor, int label)`` with the train
+    augmentation / eval transform applied. ``train_arrays``/``test_arrays`` are the
+    raw, unaugmented ``(uint8 N,C,H,W, int64 N)`` tensors of in-memory datasets and
+    ``None`` for disk-backed ones.
+    """
+
+    name: str
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: Dataset
+    test: Dataset
+    train_arrays: tuple[Tensor, Tensor] | None
+    test_arrays: tuple[Tensor, Tensor] | None
+    crop_padding: int
+    flip: bool
+
+
+def balanced_subset(targets: Tensor, n: int) -> Tensor:
+    """Sorted indices of a fixed, seed-independent, class-balanced choice of ``min(n, len)`` examples.
+
+    A permutation drawn with generator seed 0 is reordered round-robin over the
+    classes (every class's first member, then every class's second, ...), and the
+    first ``n`` entries are kept, so each class gets ``n // num_classes`` or one more
+    (as far as the class has examples).
+    """
+    if n < 1:
+        raise ValueError(f"subset size must be a positive integer, got {n}")
+    perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
+    labels = targets[perm]
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    group_start = torch.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - group_start
+    round_robin = perm[torch.argsort(rank, stable=True)]
+    return round_robin[:n].sort().values
+
+
+def take_subset(dataset: Dataset, arrays: tuple[Tensor, Tensor] | None, n: int | None):
+    """Apply :func:`balanced_subset` of size ``n`` to a dataset and its arrays (``n=None`` keeps all)."""
+    if n is None:
+        return dataset, arrays
+    idx = balanced_subset(torch.as_tensor(dataset.targets), n)
+    if arrays is not None:
+        arrays = (arrays[0][idx], arrays[1][idx])
+    return Subset(dataset, idx.tolist()), arrays
+
+
+def gather_crops(padded: Tensor, top: Tensor, left: Tensor, height: int, width: int,
+                 flip: Tensor | None = None) -> Tensor:
+    """Per-image crops of a batch in one indexing op: image ``b`` gets the window at ``(top[b], left[b])``.
+
+    ``padded`` is ``(B, C, H', W')``; ``top``/``left`` are ``(B,)`` integer tensors; where
+    the optional boolean ``flip`` is true, the crop is mirrored horizontally. Returns a
+    contiguous ``(B, C, height, width)`` tensor.
+    """
+    b, c = padded.shape[:2]
+    dev = padded.device
+    rows = top[:, None] + torch.arange(height, device=dev)
+    cols = left[:, None] + torch.arange(width, device=dev)
+    if flip is not None:
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[
+        torch.arange(b, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]

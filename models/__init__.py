@@ -1,0 +1,66 @@
+"""Model zoo for the SwitOKD reproduction.
+
+``build(name, num_classes, image_size)`` returns a plain ``nn.Module`` mapping
+(N, 3, H, W) images to (N, num_classes) logits.  Names:
+
+* ``resnet20 resnet32 resnet44 resnet56 resnet110`` - CIFAR ResNets (resnet_cifar.py)
+* ``resnet18 resnet34`` - torchvision ResNets; CIFAR-style stem below 160 px (resnet_imagenet.py)
+* ``wrn_<depth>_<width>`` - Wide ResNets, depth = 6n+4 (wrn.py)
+* ``mobilenet`` - CIFAR MobileNet v1 (mobilenet.py)
+* ``mobilenetv2`` / ``mobilenetv2_<width>`` - MobileNetV2; torchvision's at >= 160 px (mobilenetv2.py)
+"""
+import re
+
+import torch.nn as nn
+
+from .mobilenet import MobileNet
+from .mobilenetv2 import MobileNetV2
+from .resnet_cifar import DEPTHS as CIFAR_RESNET_DEPTHS, resnet_cifar
+from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, resnet_imagenet
+from .wrn import wrn
+
+LARGE_IMAGE = 160  # image_size from which the ImageNet variants are built
+
+_CANONICAL = (
+    [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
+    + [f"resnet{d}" for d in IMAGENET_RESNET_DEPTHS]
+    + ["wrn_16_1", "wrn_16_2", "wrn_16_4", "wrn_16_8", "wrn_16_10", "wrn_40_2"]
+    + ["mobilenet", "mobilenetv2", "mobilenetv2_0.5", "mobilenetv2_1.4"]
+)
+_PATTERNS = "wrn_<depth>_<width> (depth = 6n+4), mobilenetv2_<width>"
+
+
+def names() -> list[str]:
+    """The canonical model names (``build`` also accepts any wrn_<d>_<k> / mobilenetv2_<w>)."""
+    return list(_CANONICAL)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if m := re.fullmatch(r"resnet(\d+)", name):
+        depth = int(m[1])
+        if depth in CIFAR_RESNET_DEPTHS:
+            return resnet_cifar(depth, num_classes)
+        if depth in IMAGENET_RESNET_DEPTHS:
+            return resnet_imagenet(depth, num_classes, image_size)
+    if m := re.fullmatch(r"wrn_(\d+)_(\d+)", name):
+        return wrn(int(m[1]), int(m[2]), num_classes)  # validates depth and width
+    if name == "mobilenet":
+        return MobileNet(num_classes)
+    if m := re.fullmatch(r"mobilenetv2(?:_(\d+(?:\.\d+)?|\.\d+))?", name):
+        width = float(m[1] or 1.0)
+        if width <= 0:
+            raise ValueError(f"invalid MobileNetV2 width in {name!r}; the width multiplier must be > 0")
+        if image_size >= LARGE_IMAGE:
+            from torchvision.models import mobilenet_v2  # lazy: torchvision import is slow
+
+            return mobilenet_v2(weights=None, width_mult=width, num_classes=num_classes)
+        return MobileNetV2(width, num_classes)
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(_CANONICAL)}, {_PATTERNS}")
