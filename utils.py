@@ -39,6 +39,9 @@ import datasets
 import models
 
 
+DOWNLOAD_ON_FIRST_USE = ("cifar10", "cifar100")
+
+
 class UsageError(Exception):
     """Bad input from the command line; reported as one line and exit status 2."""
 
@@ -83,6 +86,7 @@ OFFICIAL_RECIPES = {
 """What the authors' released scripts run (reference/official-code-facts.md)."""
 
 RECIPE_NAMES = ("paper", "official")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def recipe_for(name: str, dataset: str, role: str, variant: str | None = None) -> Recipe:
@@ -131,7 +135,8 @@ def common_parser(description: str) -> ArgumentParser:
     g.add_argument("--dataset", default="cifar100", choices=datasets.NAMES)
     g.add_argument("--data-root", default=os.environ.get("DATA_ROOT", "./data"),
                    help="folder holding the datasets (env DATA_ROOT)")
-    g.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    g.add_argument("--download", action="store_true",
+                   help="download a missing dataset (CIFAR-10/100 always are, on first use)")
     g.add_argument("--loader", default="auto", choices=("auto", "torch", "tensor"),
                    help="torch: DataLoader with torchvision transforms; tensor: whole set on the "
                         "device, augmented in batches; auto: tensor for in-memory sets")
@@ -152,8 +157,9 @@ def common_parser(description: str) -> ArgumentParser:
     g.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"),
                    help="autocast the forward passes (fp16 adds a GradScaler)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
-    g.add_argument("--compile", action="store_true", help="torch.compile every network")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    g.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_BACKENDS, metavar="BACKEND",
+                   help="torch.compile every network (BACKEND: inductor, or aot_eager/eager to debug)")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA only)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels (CPU runs are deterministic already)")
     g = p.add_argument_group("output")
@@ -304,8 +310,7 @@ class Run:
             torch.backends.cudnn.benchmark = True
         seed_everything(args.seed)
 
-        self.data = datasets.build(args.dataset, args.data_root, download=args.download and self.main,
-                                   train_subset=args.train_subset, test_subset=args.test_subset)
+        self.data = self._build_data(args)
         self.recipes = {role: recipe_for(args.recipe, args.dataset, role, recipe_variant)
                         for role in networks}
         first = next(iter(self.recipes.values()))
@@ -351,12 +356,26 @@ class Run:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = choose_device(args.device)
-        if self.world_size > 1 and not dist.is_initialized():
+        if args.sync_bn and self.world_size > 1 and self.device.type != "cuda":
+            raise UsageError(f"--sync-bn needs CUDA devices; SyncBatchNorm cannot run on {self.device.type}")
+        self._owns_process_group = self.world_size > 1 and not dist.is_initialized()
+        if self._owns_process_group:
             if self.device.type == "cuda":
                 local_rank = int(os.environ.get("LOCAL_RANK", "0"))
                 self.device = torch.device("cuda", local_rank)
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def _build_data(self, args):
+        """The dataset; the main process downloads it (if allowed) while the others wait."""
+        download = args.download or args.dataset in DOWNLOAD_ON_FIRST_USE
+        for turn in (True, False):
+            if self.main == turn:
+                data = datasets.build(args.dataset, args.data_root, download=download and self.main,
+                                      train_subset=args.train_subset, test_subset=args.test_subset)
+            if self.world_size > 1:
+                dist.barrier()
+        return data
 
     def _build_network(self, role, name):
         try:
@@ -371,7 +390,7 @@ class Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         if self.args.compile:
-            net = torch.compile(net)
+            net = torch.compile(net, backend=self.args.compile)
         recipe = self.recipes[role]
         optimizer = build_optimizer(module.parameters(), recipe, self.args.lr)
         self.modules[role], self.nets[role], self.optimizers[role] = module, net, optimizer
@@ -450,7 +469,9 @@ class Run:
     def end_epoch(self, extra: dict | None = None) -> dict:
         """Step the schedules, evaluate every network, log, keep the best, write ``last.pt``.
 
-        ``extra`` holds the method's per-epoch values. Returns the epoch's metrics row.
+        ``extra`` holds the method's per-epoch values. Returns the epoch's metrics row. Under
+        DDP the training means are averaged over processes and every process takes rank 0's
+        BatchNorm statistics (those ``last.pt`` holds) before the evaluation.
         """
         self.epoch += 1
         row = {"epoch": self.epoch}
@@ -458,9 +479,13 @@ class Run:
             row[f"lr/{role}"] = optimizer.param_groups[0]["lr"]
             self.schedulers[role].step()
         n = max(self._epoch_count, 1)
-        row.update({f"train/{k}": float(v) / n for k, v in self._epoch_sums.items()})
+        keys = list(self._epoch_sums)
+        means = self.all_reduce_mean(torch.tensor([float(self._epoch_sums[k]) / n for k in keys],
+                                                  dtype=torch.float64, device=self.device))
+        row.update({f"train/{k}": v for k, v in zip(keys, means.tolist())})
         self._epoch_sums, self._epoch_count = {}, 0
         row.update(extra or {})
+        self._broadcast_buffers()
         for role, net in self.nets.items():
             metrics = evaluate(net, self.test_loader, self.autocast)
             row.update({f"test/{role}/{k}": v for k, v in metrics.items()})
@@ -512,11 +537,24 @@ class Run:
             self.writer.close()
         if dist.is_initialized():
             dist.barrier()
+        if self._owns_process_group:
+            dist.destroy_process_group()
         return results
 
     def elapsed(self) -> float:
         """Wall time of this run in seconds, resumed parts included."""
         return self.state.get("_elapsed_before", 0.0) + time.perf_counter() - self.start_time
+
+    def _broadcast_buffers(self) -> None:
+        """Copy rank 0's buffers (BatchNorm statistics) to every process.
+
+        DDP broadcasts them only as a training forward pass starts, so after one each
+        process holds the statistics of its own batches.
+        """
+        if self.world_size > 1:
+            for module in self.modules.values():
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, 0)
 
     def synchronize(self) -> None:
         """Wait for the device, so host timers measure its work."""

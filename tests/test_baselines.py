@@ -356,19 +356,28 @@ def run_guarded(argv, monkeypatch, capsys):
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_kd_refuses_a_mismatching_missing_or_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
+def test_kd_refuses_a_checkpoint_of_the_wrong_class_count(tmp_path, monkeypatch, capsys):
     wrong = tmp_path / "best_teacher.pt"
     torch.save({"arch": "wrn_16_1", "num_classes": 5, "image_size": 32,
                 "model": models.build("wrn_16_1", 5).state_dict()}, wrong)
+    code, err = run_guarded([*TINY, "--student", "resnet20", "--teacher-ckpt", str(tmp_path),
+                             "--out", str(tmp_path / "runs")], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "5 classes" in err[0] and "synthetic has 10" in err[0], err
+
+
+def test_kd_refuses_mismatching_missing_or_corrupt_files(tmp_path):
+    data = SimpleNamespace(name="synthetic", num_classes=10, image_size=32)
     last_wrong = tmp_path / "last.pt"
     five_classes = models.build("wrn_16_1", 5).state_dict()
     torch.save({"networks": {"teacher": "wrn_16_1"}, "models": {"teacher": five_classes}}, last_wrong)
+    small = tmp_path / "small.pt"
+    torch.save({"arch": "wrn_16_1", "num_classes": 10, "image_size": 64, "model": {}}, small)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    out = ["--out", str(tmp_path / "runs")]
-    cases = ((wrong, "5 classes"), (last_wrong, "does not fit"), (tmp_path / "missing.pt", "no checkpoint"),
-             (corrupt, "cannot read"))
-    for ckpt, message in cases:
-        code, err = run_guarded([*TINY, "--student", "resnet20", "--teacher-ckpt", str(ckpt), *out,
-                                 "--run-name", ckpt.stem], monkeypatch, capsys)
-        assert code == 2 and len(err) == 1 and message in err[0], err
+    cases = ((last_wrong, "does not fit"), (small, "64px"), (tmp_path / "missing.pt", "no checkpoint"),
+             (corrupt, "cannot read"), (tmp_path / "empty_dir", "no teacher checkpoint"))
+    (tmp_path / "empty_dir").mkdir()
+    for path, message in cases:
+        with pytest.raises(utils.UsageError, match=message) as error:
+            train_kd.load_teacher(path, data, torch.device("cpu"))
+        assert "\n" not in str(error.value)

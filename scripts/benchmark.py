@@ -1,0 +1,412 @@
+"""Throughput benchmark: images per second of the model compute, the method iterations and the training loop.
+
+Everything runs through the real engine (a ``utils.Run`` built from each training script's
+own flags) on a CIFAR-100-shaped synthetic set (``--classes`` classes, 32x32 images), one
+iteration = one mini-batch of ``--batch-size`` images. Sections (``--only``):
+
+a  bare model compute, the yardstick: forward of both networks, the cross-entropy of
+   each, one backward pass through their sum; no optimiser step, one fixed batch already
+   on the device. Beside it, its parts (each network's forward+backward, the teacher's
+   forward with autograd on, as in expert mode, and under no_grad) and "compute + steps"
+   (the same plus both optimisers' steps).
+b  SwitOKD iterations: the loop body of ``train_switokd.main`` (forwards, the switching
+   decision, Eqns. 5/6/8, backward, optimiser steps, the logged values) on the fixed
+   batch, with the mode forced after the decision is taken: learning mode (both networks
+   learn) and expert mode (the teacher is paused: no backward through it, no step).
+c  DML (``train_dml.simultaneous_update``) and KDCL (``train_kdcl``'s MinLogit loss, two
+   augmented views per batch, so twice the images through the networks per iteration).
+d  epoch slices: ``--iters`` consecutive batches drawn from ``Run.train_batches()`` with
+   each loader (``torch``: DataLoader workers running the torchvision transforms on PIL
+   images, as torchvision's CIFAR dataset serves them; ``tensor``: the whole split on the
+   device, augmented per batch), each batch running (i) the bare compute of section a,
+   which isolates the cost of the data pipeline, and (ii) the full SwitOKD iteration with
+   its natural switching.
+
+Each measurement: ``--warmup`` untimed iterations, then ``--repeats`` timed runs of
+``--iters`` iterations (the device synchronised before each clock read); the table shows
+the median images/s, the min-max range over repeats and the median's ratio to the bare
+compute of the same precision mode. ``--amp-modes`` lists the precision modes: fp32, bf16
+or fp16 (autocast; fp16 adds the GradScaler), each optionally suffixed with ``+cl``
+(channels_last) and/or ``+compile`` (torch.compile). Example::
+
+    python scripts/benchmark.py --json results/benchmark.json
+    python scripts/benchmark.py --quick                 # a smoke check of every section
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import datasets  # noqa: E402
+import train_dml  # noqa: E402
+import train_kdcl  # noqa: E402
+import train_switokd  # noqa: E402
+import utils  # noqa: E402
+from train_switokd import student_loss, switch_decision, teacher_loss  # noqa: E402
+
+SECTIONS = ("a", "b", "c", "d")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TARGETS = (  # (what, row, reference row, at most): the issue's targets, fp32
+    ("SwitOKD learning iteration / bare compute", "switokd learning", "bare compute", 1.10),
+    ("SwitOKD expert iteration / learning iteration", "switokd expert", "switokd learning", 0.60),
+    ("tensor-loader epoch slice / bare compute", "slice tensor: bare compute", "bare compute", 1.05),
+)
+
+
+# --------------------------------------------------------------------------- modes and flags
+
+def parse_mode(text: str) -> dict:
+    """``bf16+cl+compile`` -> {"name", "amp", "channels_last", "compile"}."""
+    precision, *options = text.split("+")
+    if precision not in PRECISIONS or not set(options) <= {"cl", "compile"}:
+        raise argparse.ArgumentTypeError(f"bad mode {text!r}: use fp32, bf16 or fp16, optionally "
+                                         "followed by +cl and/or +compile (e.g. bf16+cl)")
+    return {"name": text, "amp": None if precision == "fp32" else precision,
+            "channels_last": "cl" in options, "compile": "compile" in options}
+
+
+def parse_args(argv=None):
+    p = utils.ArgumentParser(description=__doc__.splitlines()[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="wrn_16_2")
+    p.add_argument("--student", default="mobilenetv2_0.5")
+    p.add_argument("--batch-size", type=utils.positive(int), default=128)
+    p.add_argument("--classes", type=utils.positive(int), default=100, help="classes of the synthetic set")
+    p.add_argument("--iters", type=utils.positive(int), help="iterations per timed repeat (default 10; --quick 2)")
+    p.add_argument("--repeats", type=utils.positive(int), help="timed repeats (default 5; --quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default 3; --quick 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=utils.positive(int), help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the torch loader")
+    p.add_argument("--amp-modes", nargs="+", type=parse_mode, metavar="MODE",
+                   help="precision modes (default: fp32 bf16 fp32+cl bf16+cl; --quick: fp32 bf16+cl)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="a smoke check: fewer iterations and modes")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.iters = args.iters or (2 if quick else 10)
+    args.repeats = args.repeats or (2 if quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.amp_modes = args.amp_modes or [parse_mode(m) for m in
+                                        (("fp32", "bf16+cl") if quick else ("fp32", "bf16", "fp32+cl", "bf16+cl"))]
+    return args
+
+
+# --------------------------------------------------------------------------- the engine on synthetic data
+
+class PilImages(Dataset):
+    """An in-memory split served as torchvision's CIFAR serves its own: a PIL image through the transform."""
+
+    def __init__(self, images, targets, transform):
+        self.images = images.permute(0, 2, 3, 1).numpy()   # N, H, W, C uint8, like CIFAR.data
+        self.targets, self.transform = targets.tolist(), transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), self.targets[index]
+
+
+def cifar_like(options):
+    """``datasets.build("synthetic", synthetic=options)`` with CIFAR's PIL item path for the torch loader."""
+    bundle = datasets.build("synthetic", synthetic=options)
+    for split in ("train", "test"):
+        images, targets = getattr(bundle, f"{split}_arrays")
+        setattr(bundle, split, PilImages(images, targets, getattr(bundle, split).transform))
+    return bundle
+
+
+def make_run(script, argv, bench, mode, loader, images, out):
+    """A real ``utils.Run`` of ``script`` (its own ``parse_args``) on the synthetic set; returns (run, args)."""
+    argv = [*argv, "--dataset", "synthetic", "--device", bench.device, "--batch-size", str(bench.batch_size),
+            "--loader", loader, "--workers", str(bench.workers), "--epochs", "1", "--no-progress",
+            "--out", out, "--run-name", f"{loader}-{mode['name']}-{time.monotonic_ns()}"]
+    argv += ["--amp", mode["amp"]] if mode["amp"] else []
+    argv += ["--channels-last"] if mode["channels_last"] else []
+    argv += ["--compile"] if mode["compile"] else []
+    args = script.parse_args(argv)
+    options = {"num_classes": bench.classes, "image_size": 32, "train_size": images, "test_size": bench.classes}
+
+    class SyntheticRun(utils.Run):
+        def _build_data(self, args):  # the engine's data step, on the benchmark's set
+            return cifar_like(options)
+    return SyntheticRun(args, script.__name__.removeprefix("train_"), networks_of(script, args)), args
+
+
+def networks_of(script, args):
+    if script is train_switokd:
+        return {"student": args.student, "teacher": args.teacher}
+    return train_dml.cohort(args)
+
+
+# --------------------------------------------------------------------------- the iterations
+
+def bare_compute(run, roles):
+    """Section a: forward of each network in ``roles``, cross-entropy, one backward; no step."""
+    nets = [run.nets[role] for role in roles]
+
+    def step(images, targets):
+        with run.autocast():
+            logits = [net(images).float() for net in nets]
+        for net in nets:
+            net.zero_grad(set_to_none=True)
+        run.backward(sum(F.cross_entropy(z, targets) for z in logits))
+    return step
+
+
+def compute_and_steps(run):
+    """Section a: the bare compute of every network plus every optimiser's step."""
+    compute, optimizers = bare_compute(run, list(run.nets)), list(run.optimizers.values())
+
+    def step(images, targets):
+        compute(images, targets)
+        run.step(*optimizers)
+    return step
+
+
+def forward_only(run, role, grad):
+    """Section a: one network's forward pass, with autograd recording (``grad``) or under no_grad."""
+    net = run.nets[role]
+
+    def step(images, targets):
+        with torch.set_grad_enabled(grad), run.autocast():
+            net(images).float()
+    return step
+
+
+def switokd_iteration(run, args, force_expert=None):
+    """The loop body of ``train_switokd.main`` (same functions, same order), ``force_expert`` overriding the mode.
+
+    ``None`` keeps the switching decision (natural switching).
+    """
+    student, teacher = run.nets["student"], run.nets["teacher"]
+    opt_s, opt_t = run.optimizers["student"], run.optimizers["teacher"]
+
+    def step(images, targets):
+        with run.autocast():
+            z_s, z_t = student(images).float(), teacher(images).float()
+        gap, delta, d_s, d_t, expert = switch_decision(run, args, z_s, z_t, targets)
+        expert = expert if force_expert is None else force_expert
+        loss_s, ce_s, kl_s = student_loss(z_s, z_t, targets, args.alpha, args.tau)
+        loss_t, ce_t, kl_t = teacher_loss(z_t, z_s, targets, args.beta, args.tau,
+                                          reciprocal=args.teacher_loss == "reciprocal")
+        opt_s.zero_grad(set_to_none=True)
+        if expert:
+            run.backward(loss_s)
+            run.step(opt_s)
+        else:
+            opt_t.zero_grad(set_to_none=True)
+            run.backward(loss_s + loss_t)
+            run.step(opt_s, opt_t)
+        run.log_iteration({"G": gap, "delta": delta, "ps_y": d_s, "pt_y": d_t, "expert": float(expert),
+                           "student_ce": ce_s.item(), "student_kl": kl_s.item(),
+                           "teacher_ce": ce_t.item(), "teacher_kl": kl_t.item()})
+    return step
+
+
+def dml_iteration(run, args):
+    """The loop body of ``train_dml.main`` (simultaneous update)."""
+    roles = list(run.nets)
+    nets = [run.nets[role] for role in roles]
+
+    def step(images, targets):
+        with run.autocast():
+            logits = [net(images).float() for net in nets]
+        losses = train_dml.simultaneous_update(run, roles, logits, targets, args.tau)
+        run.log_iteration({f"{role}_{name}": value for role, (_, ce, kl) in zip(roles, losses)
+                           for name, value in (("ce", ce), ("kl", kl))})
+    return step
+
+
+def kdcl_iteration(run, args, views):
+    """The loop body of ``train_kdcl.main`` (MinLogit ensemble, one augmented view per network)."""
+    roles = list(run.nets)
+    nets = [run.nets[role] for role in roles]
+    optimizers = [run.optimizers[role] for role in roles]
+
+    def step(images, targets):
+        inputs = images.chunk(views)
+        with run.autocast():
+            logits = [net(inputs[k % views]).float() for k, net in enumerate(nets)]
+        z_m, _ = train_kdcl.ensemble_target(args.ensemble, logits, targets)
+        losses = [train_kdcl.kdcl_loss(z, z_m, targets, args.lam, args.tau) for z in logits]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        run.backward(sum(total for total, _, _ in losses))
+        run.step(*optimizers)
+        run.log_iteration({f"{role}_ce": ce for role, (_, ce, _) in zip(roles, losses)})
+    return step
+
+
+# --------------------------------------------------------------------------- timing
+
+def measure(run, step, batches, bench):
+    """Seconds of each of ``bench.repeats`` timed runs of ``bench.iters`` iterations, after the warm-up."""
+    for _ in range(bench.warmup):
+        step(*next(batches))
+    run.synchronize()
+    times = []
+    for _ in range(bench.repeats):
+        start = time.perf_counter()
+        for _ in range(bench.iters):
+            step(*next(batches))
+        run.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def row(section, name, mode, times, bench):
+    images = bench.iters * bench.batch_size
+    rates = sorted(images / t for t in times)
+    quartiles = statistics.quantiles(rates, n=4) if len(rates) > 1 else rates * 3
+    return {"section": section, "name": name, "mode": mode, "median_ips": statistics.median(rates),
+            "min_ips": rates[0], "max_ips": rates[-1], "iqr_ips": quartiles[2] - quartiles[0],
+            "median_s_per_iter": statistics.median(times) / bench.iters, "repeat_seconds": times,
+            "load_average": os.getloadavg()[0]}
+
+
+def fixed_batch(run):
+    return next(iter(run.train_batches()))
+
+
+def run_mode(bench, mode, out, report):
+    """Every asked section in one precision mode; ``report(row)`` receives each result."""
+    name = mode["name"]
+    pair = ["--student", bench.student, "--teacher", bench.teacher]
+    cohort = ["--models", bench.student, bench.teacher]
+    train_size = bench.batch_size * (bench.warmup + bench.repeats * bench.iters)
+    opened = []
+
+    def new_run(script, argv, loader="tensor"):
+        run, args = make_run(script, argv, bench, mode, loader, train_size, out)
+        opened.append(run)
+        return run, args
+
+    def timed(section, what, run, step, batches=None):
+        batches = batches or itertools.repeat(fixed_batch(run))
+        report(row(section, what, name, measure(run, step, batches, bench), bench))
+
+    try:
+        if {"a", "b", "d"} & set(bench.only):
+            run, args = new_run(train_switokd, pair)
+            if "a" in bench.only:
+                timed("a", "bare compute", run, bare_compute(run, ["student", "teacher"]))
+                for role in ("teacher", "student"):
+                    timed("a", f"{role} fwd+bwd", run, bare_compute(run, [role]))
+                timed("a", "teacher fwd (grad on)", run, forward_only(run, "teacher", True))
+                timed("a", "teacher fwd (no_grad)", run, forward_only(run, "teacher", False))
+                timed("a", "compute + steps", run, compute_and_steps(run))
+            if "b" in bench.only:
+                timed("b", "switokd learning", run, switokd_iteration(run, args, False))
+                timed("b", "switokd expert", run, switokd_iteration(run, args, True))
+            if "d" in bench.only:
+                for loader, slice_run in (("tensor", run), ("torch", new_run(train_switokd, pair, "torch")[0])):
+                    timed("d", f"slice {loader}: bare compute", slice_run,
+                          bare_compute(slice_run, ["student", "teacher"]), endless_batches(slice_run))
+                    timed("d", f"slice {loader}: switokd", slice_run, switokd_iteration(slice_run, args),
+                          endless_batches(slice_run))
+        if "c" in bench.only:
+            run, args = new_run(train_dml, cohort)
+            timed("c", "dml", run, dml_iteration(run, args))
+            run, args = new_run(train_kdcl, cohort)
+            run.train_loader, _ = train_kdcl.collaborative_loaders(run, 2, None)
+            timed("c", "kdcl (2 views)", run, kdcl_iteration(run, args, 2))
+    finally:
+        for run in opened:
+            run.writer.close()
+
+
+def endless_batches(run):
+    """``run.train_batches()`` epoch after epoch (the same epoch's order, as no epoch ends)."""
+    while True:
+        yield from run.train_batches()
+
+
+# --------------------------------------------------------------------------- report
+
+def machine(bench):
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = utils.choose_device(bench.device)
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average_start": os.getloadavg()}
+
+
+def check_targets(results):
+    """The issue's targets (fp32 rows): measured ratio, bound, met."""
+    by = {(r["name"], r["mode"]): r["median_s_per_iter"] for r in results}
+    checks = []
+    for what, name, reference, bound in TARGETS:
+        if (name, "fp32") in by and (reference, "fp32") in by:
+            ratio = by[(name, "fp32")] / by[(reference, "fp32")]
+            checks.append({"target": what, "ratio": ratio, "at_most": bound, "met": ratio <= bound})
+    return checks
+
+
+def print_row(r):
+    x = f"{r['x_bare']:.2f}x" if "x_bare" in r else "-"
+    print(f"{r['section']}  {r['name']:<30} {r['mode']:<16} {r['median_ips']:9.1f} "
+          f"{r['min_ips']:9.1f}-{r['max_ips']:<9.1f} {r['median_s_per_iter'] * 1000:9.1f} {x:>7}  "
+          f"{r['load_average']:5.2f}", flush=True)
+
+
+def main(argv=None):
+    bench = parse_args(argv)
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    info = machine(bench)
+    print(f"# {info['cpu']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), "
+          f"torch {info['torch']}, device {info['device']}{' ' + info['gpu'] if info['gpu'] else ''}, "
+          f"load average {info['load_average_start'][0]:.2f}")
+    print(f"# teacher {bench.teacher}, student {bench.student}, batch {bench.batch_size}, {bench.classes} classes; "
+          f"{bench.warmup} warm-up + {bench.repeats} x {bench.iters} iterations")
+    print(f"s  {'what':<30} {'mode':<16} {'img/s':>9} {'min-max img/s':>19} {'ms/iter':>9} {'x bare':>7}  load")
+    results = []
+
+    def report(r):
+        bare = next((b for b in results if b["name"] == "bare compute" and b["mode"] == r["mode"]), None)
+        if bare is not None:
+            r["x_bare"] = r["median_s_per_iter"] / bare["median_s_per_iter"]
+        results.append(r)
+        print_row(r)
+
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as out:
+        for mode in bench.amp_modes:
+            run_mode(bench, mode, out, report)
+    checks = check_targets(results)
+    for c in checks:
+        print(f"target: {c['target']}: {c['ratio']:.3f} (at most {c['at_most']}) "
+              f"{'met' if c['met'] else 'MISSED'}")
+    info["load_average_end"] = os.getloadavg()
+    if bench.json:
+        bench.json.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in vars(bench).items() if k not in ("json", "amp_modes")}
+        config["amp_modes"] = [m["name"] for m in bench.amp_modes]
+        utils.save_json(bench.json, {"machine": info, "config": config, "results": results, "targets": checks})
+    return {"machine": info, "results": results, "targets": checks}
+
+
+if __name__ == "__main__":
+    utils.main_guard(main)

@@ -1,0 +1,131 @@
+"""Fig. 7 of the paper: time per iteration and cumulative training time of SwitOKD, DML and KDCL.
+
+    python scripts/plot_fig7.py runs/fig7 --output fig7.png
+
+Reads the finished SwitOKD, DML and KDCL runs below the folder (scripts/fig7_time.sh;
+the lowest seed of each method). The time of an iteration is its training step, as each
+script measures it: forward passes, losses, backward, optimiser steps (data loading and
+evaluation excluded). SwitOKD records it per iteration in switching.npz; DML and KDCL in
+TensorBoard (``iter/seconds``, every ``--log-interval`` iterations). Where no
+per-iteration record is complete, the per-iteration time is the epoch's mean (its step
+time / iterations, ``train/seconds`` of metrics.jsonl) and the cumulative curve is the
+run's wall time (evaluation included); the legend says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from plot_fig4 import iteration_positions, moving_average
+from summarize import read_runs
+
+METHODS = {"switokd": ("SwitOKD", "tab:green"), "dml": ("DML", "tab:blue"), "kdcl": ("KDCL", "tab:orange")}
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def tensorboard_seconds(run_dir: Path):
+    """(iteration steps, seconds) logged as ``iter/seconds``; None if TensorBoard has none."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    if "iter/seconds" not in accumulator.Tags().get("scalars", []):
+        return None
+    events = accumulator.Scalars("iter/seconds")
+    return np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float)
+
+
+def iteration_times(run) -> dict:
+    """The run's per-iteration seconds with x in epochs, and its cumulative hours, as recorded."""
+    rows = metrics_rows(run.path)
+    epochs = len(rows)
+    npz = run.path / "switching.npz"
+    if npz.is_file():
+        with np.load(npz) as z:
+            x, seconds = iteration_positions(z["epoch"]), z["seconds"].astype(float)
+        return {"x": x, "seconds": seconds, "cum_x": x, "cum_h": np.cumsum(seconds) / 3600,
+                "note": "per iteration (switching.npz)"}
+    logged = tensorboard_seconds(run.path)
+    if logged is not None and epochs:
+        steps, seconds = logged
+        iterations = int(steps.max()) + 1
+        if len(seconds) == iterations:  # every iteration recorded
+            x = (steps + 1) / (iterations / epochs)
+            return {"x": x, "seconds": seconds, "cum_x": x, "cum_h": np.cumsum(seconds) / 3600,
+                    "note": "per iteration (TensorBoard)"}
+    x = np.array([r["epoch"] for r in rows], dtype=float)
+    seconds = np.array([r.get("train/seconds", np.nan) for r in rows], dtype=float)
+    wall = np.array([r.get("time/elapsed_s", np.nan) for r in rows], dtype=float) / 3600
+    return {"x": x, "seconds": seconds, "cum_x": x, "cum_h": wall,
+            "note": "epoch means = epoch step time / iterations; cumulative = wall time incl. evaluation"}
+
+
+def plot(root: Path, output: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, _ = read_runs(root)
+    chosen = {}
+    for run in sorted(runs, key=lambda r: r.results.get("seed", 0)):
+        chosen.setdefault(run.facets.get("method"), run)
+    chosen = {m: chosen[m] for m in METHODS if m in chosen}
+    if not chosen:
+        raise SystemExit(f"plot_fig7.py: error: no finished SwitOKD, DML or KDCL run below {root}")
+    fig, (ax_it, ax_cum) = plt.subplots(1, 2, figsize=(13, 4.8))
+    totals = {}
+    for method, run in chosen.items():
+        label, colour = METHODS[method]
+        t = iteration_times(run)
+        window = max(1, len(t["seconds"]) // 200)
+        ax_it.plot(t["x"], t["seconds"], color=colour, alpha=0.2, linewidth=0.5)
+        ax_it.plot(t["x"], moving_average(t["seconds"], window), color=colour, label=f"{label}: {t['note']}")
+        totals[method] = float(t["cum_h"][-1])
+        wall = run.results.get("wall_time_s", 0) / 3600
+        ax_cum.plot(t["cum_x"], t["cum_h"], color=colour,
+                    label=f"{label}: {totals[method]:.3g} h of training steps, {wall:.3g} h wall")
+    ax_it.set(title="time per iteration (moving average over the faint raw values)", xlabel="epoch",
+              ylabel="seconds")
+    ax_cum.set(title="cumulative training time", xlabel="epoch", ylabel="hours")
+    if "switokd" in totals:
+        saved = [f"{100 * (1 - totals['switokd'] / totals[m]):.1f}% less than {METHODS[m][0]}"
+                 for m in ("dml", "kdcl") if totals.get(m)]
+        if saved:
+            ax_cum.text(0.02, 0.97, "SwitOKD: " + ", ".join(saved) + "\n(paper: 27.3% and 34.8%)",
+                        transform=ax_cum.transAxes, va="top", fontsize=9)
+    for ax in (ax_it, ax_cum):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if ax is ax_cum else "upper right")
+    first = next(iter(chosen.values()))
+    networks = first.results.get("networks", {})
+    fig.suptitle(f"{first.results.get('dataset', '?')}: student {networks.get('student', {}).get('arch', '?')}, "
+                 f"teacher {networks.get('teacher', {}).get('arch', '?')}; step time = forward + backward + "
+                 f"update (no data loading, no evaluation)")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("root", type=Path, help="folder holding the runs (e.g. runs/fig7)")
+    p.add_argument("--output", type=Path, help="PNG file (default: ROOT/fig7.png)")
+    args = p.parse_args(argv)
+    print(plot(args.root, args.output or args.root / "fig7.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The paper's tables from finished runs, beside the published numbers.
+
+    python scripts/summarize.py runs            # Markdown
+    python scripts/summarize.py runs --csv      # one CSV row per cell and per group
+
+Reads every ``results.json`` below RUN_ROOT. A run directory is
+``<RUN_ROOT>/.../<experiment>/<method>/<run-name>/`` (what the scripts/*.sh write):
+the experiment (``table2`` ... ``table7``, ``fig1``, ``fig4``, ``fig5``, ``fig7``) is the
+folder above the method's. Runs are grouped by experiment, method, run name without its
+``-seed<k>`` suffix, dataset, networks and method settings; a group's seeds are averaged.
+
+Each table of scripts/published.json is printed in the paper's layout; a cell holds the
+runs of its experiment whose results.json matches the cell (see the file's ``_about``):
+best and final top-1 (%), each as mean ± sample standard deviation (ddof = 1; "–" for
+a single run) over seeds, the number of runs, and the published value with our best
+mean minus it (the paper reports the best test accuracy over training). Groups that
+no cell claims are listed after their experiment's table. Runs without results.json
+(or whose last.pt is newer) are listed as in progress and not averaged.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PUBLISHED = Path(__file__).with_name("published.json")
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+DASH = "–"
+LEGEND = ("cell: best ± std / final ± std (n = runs) · paper value (our best mean − paper); "
+          "top-1 %, std = sample std (ddof 1) over seeds, – for n < 2")
+
+
+# --------------------------------------------------------------------------- reading runs
+
+@dataclass
+class Run:
+    """One finished run: its results.json and where it lies."""
+
+    path: Path
+    experiment: str
+    results: dict
+    facets: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return SEED_SUFFIX.sub("", self.path.name)
+
+    def accuracy(self, network=None, role=None):
+        """(best, final) top-1 of the network named ``network`` (or playing ``role``); None if absent."""
+        for r, info in self.results.get("networks", {}).items():
+            if (network is not None and info.get("arch") == network) or (network is None and r == role):
+                return info.get("best_top1"), info.get("final_top1")
+        return None
+
+
+def flatten(obj, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def facets(results: dict) -> dict:
+    """What a cell can match: every field of results.json (not args, not networks) and ``archs``."""
+    out = flatten({k: v for k, v in results.items() if k not in ("args", "networks")})
+    archs = [info["arch"] for info in results.get("networks", {}).values()]
+    if results.get("method") == "kd" and isinstance(results.get("teacher"), dict):
+        archs.append(results["teacher"].get("arch"))  # KD's fixed, pretrained teacher
+    out["archs"] = sorted(a for a in archs if a)
+    return out
+
+
+def signature(run: Run) -> str:
+    """Everything that must agree for runs to be averaged together (all but the seed)."""
+    settings = {k: v for k, v in run.facets.items()
+                if k not in ("seed", "wall_time_s", "epochs", "iterations", "teacher.checkpoint")
+                and not k.startswith(("expert_fraction", "paused_fraction", "seconds_per_iteration",
+                                      "kdcl.general_weights"))}
+    networks = {role: info.get("arch") for role, info in run.results.get("networks", {}).items()}
+    return json.dumps([networks, settings], sort_keys=True, default=str)
+
+
+def is_finished(run_dir: Path) -> bool:
+    results, last = run_dir / "results.json", run_dir / "last.pt"
+    return results.is_file() and not (last.is_file() and last.stat().st_mtime > results.stat().st_mtime)
+
+
+def progress(run_dir: Path) -> str:
+    """'epoch k of N' from metrics.jsonl and args.json, as far as they say."""
+    done = 0
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            try:
+                done = json.loads(rows[-1]).get("epoch", len(rows))
+            except ValueError:
+                done = len(rows)
+    planned = None
+    try:
+        planned = json.loads((run_dir / "args.json").read_text()).get("epochs")
+    except (OSError, ValueError):
+        pass
+    return f"epoch {done} of {planned}" if planned else f"epoch {done} (of the recipe's epochs)"
+
+
+def read_runs(root: Path):
+    """(finished runs, in-progress run directories) below ``root``."""
+    finished, unfinished = [], []
+    run_dirs = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
+    for run_dir in sorted(run_dirs):
+        if not is_finished(run_dir):
+            unfinished.append(run_dir)
+            continue
+        try:
+            results = json.loads((run_dir / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            print(f"summarize.py: warning: skipping unreadable {run_dir / 'results.json'} ({e})", file=sys.stderr)
+            continue
+        experiment = run_dir.parent.parent.name if run_dir.parent.parent != run_dir.parent else ""
+        finished.append(Run(run_dir, experiment, results, facets(results)))
+    return finished, unfinished
+
+
+# --------------------------------------------------------------------------- statistics
+
+def mean_std(values):
+    """(mean, sample std with ddof 1 or None for fewer than 2 values, n) of the non-None values."""
+    values = [v for v in values if v is not None]
+    n = len(values)
+    if not n:
+        return None, None, 0
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n >= 2 else None
+    return mean, std, n
+
+
+def fmt(mean, std, digits=2):
+    if mean is None:
+        return DASH
+    return f"{mean:.{digits}f} ± {DASH if std is None else f'{std:.{digits}f}'}"
+
+
+# --------------------------------------------------------------------------- tables
+
+def matches(run: Run, match: dict, network: str | None) -> bool:
+    for key, want in match.items():
+        have = run.facets.get(key)
+        if key == "archs":
+            if run.facets.get("method") == "vanilla":  # Vanilla trains the cell's network alone
+                if network is None or have != [network]:
+                    return False
+                continue
+            want = sorted(want)
+        if isinstance(want, (int, float)) and isinstance(have, (int, float)) and not isinstance(want, bool):
+            if isinstance(have, bool) or not math.isclose(want, have, rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+@dataclass
+class Cell:
+    table: str
+    row: str
+    column: str
+    network: str | None
+    role: str | None
+    metric: str
+    paper: float | None
+    paper_std: float | None
+    runs: list
+
+    def values(self):
+        """(best values, final values) of the cell's runs (hours: total wall time, no 'final')."""
+        if self.metric == "hours":
+            return [r.results.get("wall_time_s", 0) / 3600 for r in self.runs], []
+        pairs = [r.accuracy(self.network, self.role) for r in self.runs]
+        pairs = [p for p in pairs if p is not None]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def build_cells(table: dict, runs) -> list[list[Cell]]:
+    """The table's grid of cells (rows x columns), each with the runs it claims."""
+    grid = []
+    for row in table["rows"]:
+        cells = []
+        for j, column in enumerate(table["columns"]):
+            network = row.get("network") or column.get("network")
+            role = None if network else column.get("role") or row.get("role")
+            match = {**table.get("match", {}), **row.get("match", {}), **column.get("match", {})}
+            paper = row["paper"][j]
+            mean, std = (paper if isinstance(paper, list) else (paper, None))
+            claimed = [r for r in runs if r.experiment == table["id"] and matches(r, match, network)]
+            cells.append(Cell(table["id"], row["name"], column["name"], network, role,
+                              column.get("metric", "top1"), mean, std, claimed))
+        grid.append(cells)
+    return grid
+
+
+def cell_text(cell: Cell) -> str:
+    best, final = cell.values()
+    b_mean, b_std, n = mean_std(best)
+    parts = []
+    if n:
+        if cell.metric == "hours":
+            parts.append(f"{fmt(b_mean, b_std)} h (n={n})")
+        else:
+            f_mean, f_std, _ = mean_std(final)
+            parts.append(f"{fmt(b_mean, b_std)} / {fmt(f_mean, f_std)} (n={n})")
+    elif cell.runs:
+        parts.append(f"no {cell.network or cell.role} in its runs")
+    else:
+        parts.append(DASH)
+    if cell.paper is not None:
+        paper = f"{cell.paper:.2f}" + (f" ± {cell.paper_std:.2f}" if cell.paper_std is not None else "")
+        diff = f" ({b_mean - cell.paper:+.2f})" if n else ""
+        parts.append(f"paper {paper}{diff}")
+    return " · ".join(parts)
+
+
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- groups
+
+def group_runs(runs):
+    """{(experiment, method, name, signature): [runs]} in a stable order."""
+    groups: dict = {}
+    for run in runs:
+        key = (run.experiment, run.facets.get("method", "?"), run.name, signature(run))
+        groups.setdefault(key, []).append(run)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0][:3]))
+
+
+def group_row(runs):
+    """dataset, networks with best/final mean ± std, n and seeds of one group."""
+    first = runs[0]
+    parts = []
+    for role, info in first.results.get("networks", {}).items():
+        best = mean_std([r.results["networks"].get(role, {}).get("best_top1") for r in runs])
+        final = mean_std([r.results["networks"].get(role, {}).get("final_top1") for r in runs])
+        parts.append(f"{role} {info.get('arch')}: {fmt(*best[:2])} / {fmt(*final[:2])}")
+    seeds = sorted(r.results.get("seed") for r in runs)
+    epochs = sorted({r.results.get("epochs") for r in runs})
+    return first.results.get("dataset", "?"), "; ".join(parts), len(runs), seeds, epochs
+
+
+# --------------------------------------------------------------------------- output
+
+def markdown(root, tables, runs, unfinished) -> str:
+    out = [f"# Results below {root}", "", LEGEND, ""]
+    claimed = set()
+    known = [t["id"] for t in tables]
+    experiments = sorted({r.experiment for r in runs} | {d.parent.parent.name for d in unfinished})
+    groups = group_runs(runs)
+    for table in tables:
+        if table["id"] not in experiments:
+            continue
+        grid = build_cells(table, runs)
+        out += [f"## {table['title']}", ""]
+        header = [""] + [c["name"] for c in table["columns"]]
+        out.append(markdown_table(header, [[cells[0].row] + [cell_text(c) for c in cells] for cells in grid]))
+        out.append("")
+        for cells in grid:
+            for cell in cells:
+                claimed.update(id(r) for r in cell.runs)
+                if len({signature(r) for r in cell.runs}) > 1:
+                    out.append(f"Note: the cell '{cell.row} / {cell.column}' averages runs whose settings "
+                               f"differ (e.g. recipe or epochs): "
+                               + ", ".join(sorted({str(r.path.relative_to(root)) for r in cell.runs})))
+        out += unclaimed_section(root, table["id"], groups, claimed)
+    for experiment in experiments:
+        if experiment not in known:
+            out += [f"## Experiment '{experiment}' (no table of the paper)", ""]
+            out += unclaimed_section(root, experiment, groups, claimed)
+    if unfinished:
+        out += ["## In progress or interrupted (not averaged)", ""]
+        out += [f"- {d.relative_to(root)}: {progress(d)}" for d in unfinished]
+        out.append("")
+    if not runs and not unfinished:
+        out.append(f"No runs below {root}.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def unclaimed_section(root, experiment, groups, claimed):
+    rows = []
+    for (exp, method, name, _), members in groups.items():
+        if exp != experiment or all(id(r) in claimed for r in members):
+            continue
+        dataset, networks, n, seeds, epochs = group_row(members)
+        rows.append([name, method, dataset, networks, n, " ".join(map(str, seeds)),
+                     " ".join(map(str, epochs))])
+    if not rows:
+        return []
+    title = "Runs in no cell of the table" if experiment else "Runs"
+    return [f"{title} (best ± std / final ± std, top-1 %):", "",
+            markdown_table(["run", "method", "dataset", "networks", "n", "seeds", "epochs"], rows), ""]
+
+
+CSV_FIELDS = ["table", "row", "column", "network", "metric", "n", "seeds", "best_mean", "best_std",
+              "final_mean", "final_std", "paper", "paper_std", "best_minus_paper", "runs"]
+
+
+def csv_rows(root, tables, runs, unfinished):
+    """One row per table cell, then one per network of every group no cell claims, then in-progress runs."""
+    claimed = set()
+    for table in tables:
+        for cells in build_cells(table, runs):
+            for cell in cells:
+                claimed.update(id(r) for r in cell.runs)
+                best, final = cell.values()
+                b_mean, b_std, n = mean_std(best)
+                f_mean, f_std, _ = mean_std(final)
+                if not cell.runs and cell.paper is None:
+                    continue
+                yield {"table": cell.table, "row": cell.row, "column": cell.column,
+                       "network": cell.network or cell.role, "metric": cell.metric, "n": n,
+                       "seeds": " ".join(str(r.results.get("seed")) for r in cell.runs),
+                       "best_mean": b_mean, "best_std": b_std, "final_mean": f_mean, "final_std": f_std,
+                       "paper": cell.paper, "paper_std": cell.paper_std,
+                       "best_minus_paper": None if b_mean is None or cell.paper is None else b_mean - cell.paper,
+                       "runs": " ".join(str(r.path.relative_to(root)) for r in cell.runs)}
+    for (experiment, method, name, _), members in group_runs(runs).items():
+        if all(id(r) in claimed for r in members):
+            continue
+        for role, info in members[0].results.get("networks", {}).items():
+            b_mean, b_std, n = mean_std([r.results["networks"].get(role, {}).get("best_top1") for r in members])
+            f_mean, f_std, _ = mean_std([r.results["networks"].get(role, {}).get("final_top1") for r in members])
+            yield {"table": experiment, "row": f"{method} {name}", "column": role, "network": info.get("arch"),
+                   "metric": "top1", "n": n, "seeds": " ".join(str(r.results.get("seed")) for r in members),
+                   "best_mean": b_mean, "best_std": b_std, "final_mean": f_mean, "final_std": f_std,
+                   "runs": " ".join(str(r.path.relative_to(root)) for r in members)}
+    for run_dir in unfinished:
+        yield {"table": run_dir.parent.parent.name, "row": "in progress", "runs": str(run_dir.relative_to(root)),
+               "column": progress(run_dir)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("root", type=Path, help="folder holding the run directories (e.g. runs)")
+    p.add_argument("--csv", action="store_true", help="CSV (one row per cell) instead of Markdown")
+    p.add_argument("--published", type=Path, default=PUBLISHED, help="the published numbers")
+    args = p.parse_args(argv)
+    if not args.root.is_dir():
+        print(f"summarize.py: error: no folder {args.root}", file=sys.stderr)
+        return 2
+    tables = json.loads(args.published.read_text())["tables"]
+    runs, unfinished = read_runs(args.root)
+    if args.csv:
+        writer = csv.DictWriter(sys.stdout, CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in csv_rows(args.root, tables, runs, unfinished):
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    else:
+        sys.stdout.write(markdown(args.root, tables, runs, unfinished))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
