@@ -107,7 +107,8 @@ def parse_args(argv=None):
     teachers, students = TOPOLOGIES.get(args.topology, (None, None))
     args.teachers, args.students = args.teachers or teachers, args.students or students
     if not args.teachers or not args.students:
-        raise utils.UsageError("no networks: give --topology (1T2S or 2T1S) or both --teachers and --students")
+        raise utils.UsageError("no networks: give --topology (1T2S or 2T1S) "
+                               "or both --teachers and --students")
     return args
 
 
@@ -161,6 +162,7 @@ def main(argv=None):
             learners = [run.optimizers[role] for role in sources]
             for optimizer in learners:
                 optimizer.zero_grad(set_to_none=True)
+            # One backward for every learner; KL targets are detached, so none reaches a paused teacher.
             totals = [losses[role][0] for role in sources]
             run.backward(sum(totals[1:], totals[0]))
             if args.paused_teacher == "zero-step":
@@ -171,9 +173,8 @@ def main(argv=None):
             run.synchronize()
             seconds = time.perf_counter() - start
 
-            row = {"G": [decisions[p][0] for p in pairs], "delta": [decisions[p][1] for p in pairs],
-                   "ps_y": [decisions[p][2] for p in pairs], "pt_y": [decisions[p][3] for p in pairs],
-                   "expert": [float(expert[p]) for p in pairs],
+            gap, delta, d_s, d_t, modes = zip(*(decisions[pair] for pair in pairs))
+            row = {"G": gap, "delta": delta, "ps_y": d_s, "pt_y": d_t, "expert": modes,
                    "paused": [float(t in paused) for t in teachers],
                    "ce": [losses[r][1].item() for r in roles], "kl": [losses[r][2].item() for r in roles],
                    "seconds": seconds}

@@ -22,10 +22,12 @@ d  epoch slices: ``--iters`` consecutive batches drawn from ``Run.train_batches(
    which isolates the cost of the data pipeline, and (ii) the full SwitOKD iteration with
    its natural switching.
 
-Each measurement: ``--warmup`` untimed iterations, then ``--repeats`` timed runs of
-``--iters`` iterations (the device synchronised before each clock read); the table shows
-the median images/s, the min-max range over repeats and the median's ratio to the bare
-compute of the same precision mode. ``--amp-modes`` lists the precision modes: fp32, bf16
+Each measurement: ``--warmup`` untimed iterations, then ``--repeats`` timed rounds of
+``--iters`` iterations (the device synchronised before each clock read). Within a round
+the rows take turns (all but the DataLoader slices, which run alone), so that a change of
+load on a shared machine hits every row alike. The table shows the median images/s, the
+min-max range over rounds and the time ratio to the bare compute of the same precision
+mode (the median of the per-round ratios). ``--amp-modes`` lists the precision modes: fp32, bf16
 or fp16 (autocast; fp16 adds the GradScaler), each optionally suffixed with ``+cl``
 (channels_last) and/or ``+compile`` (torch.compile). Example::
 
@@ -35,6 +37,7 @@ or fp16 (autocast; fp16 adds the GradScaler), each optionally suffixed with ``+c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -87,9 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--student", default="mobilenetv2_0.5")
     p.add_argument("--batch-size", type=utils.positive(int), default=128)
     p.add_argument("--classes", type=utils.positive(int), default=100, help="classes of the synthetic set")
-    p.add_argument("--iters", type=utils.positive(int), help="iterations per timed repeat (default 10; --quick 2)")
+    p.add_argument("--iters", type=utils.positive(int), help="iterations per timed repeat (default 5; --quick 2)")
     p.add_argument("--repeats", type=utils.positive(int), help="timed repeats (default 5; --quick 2)")
-    p.add_argument("--warmup", type=int, help="untimed iterations first (default 3; --quick 1)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default 2; --quick 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=utils.positive(int), help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the torch loader")
@@ -100,9 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smoke check: fewer iterations and modes")
     args = p.parse_args(argv)
     quick = args.quick
-    args.iters = args.iters or (2 if quick else 10)
+    args.iters = args.iters or (2 if quick else 5)
     args.repeats = args.repeats or (2 if quick else 5)
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     args.amp_modes = args.amp_modes or [parse_mode(m) for m in
                                         (("fp32", "bf16+cl") if quick else ("fp32", "bf16", "fp32+cl", "bf16+cl"))]
     return args
@@ -257,40 +260,107 @@ def kdcl_iteration(run, args, views):
 
 # --------------------------------------------------------------------------- timing
 
-def measure(run, step, batches, bench):
-    """Seconds of each of ``bench.repeats`` timed runs of ``bench.iters`` iterations, after the warm-up."""
-    for _ in range(bench.warmup):
-        step(*next(batches))
-    run.synchronize()
-    times = []
-    for _ in range(bench.repeats):
+@dataclasses.dataclass
+class Job:
+    """One row of the table: ``step(images, targets)`` fed from ``batches``."""
+
+    section: str
+    name: str
+    run: utils.Run
+    step: object
+    batches: object
+    interleave: bool = True
+    seconds: list = dataclasses.field(default_factory=list)
+
+    def time(self, iterations):
         start = time.perf_counter()
-        for _ in range(bench.iters):
-            step(*next(batches))
-        run.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+        for _ in range(iterations):
+            self.step(*next(self.batches))
+        self.run.synchronize()
+        return time.perf_counter() - start
 
 
-def row(section, name, mode, times, bench):
+def measure(jobs, bench):
+    """Warm every job up, then time ``bench.repeats`` rounds of ``bench.iters`` iterations of each.
+
+    Interleaved jobs take turns within each round, so that a change of the machine's load
+    hits them alike and their per-round ratios stay meaningful on a shared machine. The
+    others (a DataLoader, whose workers would prefetch while other jobs run) run alone.
+    """
+    together = [job for job in jobs if job.interleave]
+    for job in together:
+        job.time(bench.warmup)
+    for _ in range(bench.repeats):
+        for job in together:
+            job.seconds.append(job.time(bench.iters))
+    for job in jobs:
+        if not job.interleave:
+            job.time(bench.warmup)
+            job.seconds = [job.time(bench.iters) for _ in range(bench.repeats)]
+
+
+def row(job, mode, bench):
+    """A measured job as a table row (images per second over the repeats)."""
     images = bench.iters * bench.batch_size
-    rates = sorted(images / t for t in times)
+    rates = sorted(images / t for t in job.seconds)
     quartiles = statistics.quantiles(rates, n=4) if len(rates) > 1 else rates * 3
-    return {"section": section, "name": name, "mode": mode, "median_ips": statistics.median(rates),
+    return {"section": job.section, "name": job.name, "mode": mode, "median_ips": statistics.median(rates),
             "min_ips": rates[0], "max_ips": rates[-1], "iqr_ips": quartiles[2] - quartiles[0],
-            "median_s_per_iter": statistics.median(times) / bench.iters, "repeat_seconds": times,
-            "load_average": os.getloadavg()[0]}
+            "median_s_per_iter": statistics.median(job.seconds) / bench.iters,
+            "repeat_seconds": job.seconds, "interleaved": job.interleave, "load_average": os.getloadavg()[0]}
+
+
+def ratio(a, b):
+    """Time of row ``a`` over row ``b``: the median of the per-round ratios when both were
+    interleaved, else the ratio of the medians."""
+    if a["interleaved"] and b["interleaved"]:
+        return statistics.median(x / y for x, y in zip(a["repeat_seconds"], b["repeat_seconds"]))
+    return a["median_s_per_iter"] / b["median_s_per_iter"]
 
 
 def fixed_batch(run):
     return next(iter(run.train_batches()))
 
 
-def run_mode(bench, mode, out, report):
-    """Every asked section in one precision mode; ``report(row)`` receives each result."""
-    name = mode["name"]
+def mode_jobs(bench, mode, new_run):
+    """The jobs of every asked section in one precision mode."""
     pair = ["--student", bench.student, "--teacher", bench.teacher]
     cohort = ["--models", bench.student, bench.teacher]
+    jobs = []
+
+    def add(section, name, run, step, batches=None, interleave=True):
+        jobs.append(Job(section, name, run, step, batches or itertools.repeat(fixed_batch(run)), interleave))
+
+    if {"a", "b", "d"} & set(bench.only):
+        run, args = new_run(train_switokd, pair)
+        add("a", "bare compute", run, bare_compute(run, ["student", "teacher"]))  # every ratio's yardstick
+        if "a" in bench.only:
+            for role in ("teacher", "student"):
+                add("a", f"{role} fwd+bwd", run, bare_compute(run, [role]))
+            add("a", "teacher fwd (grad on)", run, forward_only(run, "teacher", True))
+            add("a", "teacher fwd (no_grad)", run, forward_only(run, "teacher", False))
+            add("a", "compute + steps", run, compute_and_steps(run))
+        if "b" in bench.only:
+            add("b", "switokd learning", run, switokd_iteration(run, args, False))
+            add("b", "switokd expert", run, switokd_iteration(run, args, True))
+        if "d" in bench.only:
+            for loader in ("tensor", "torch"):
+                for what, step in (("bare compute", lambda r: bare_compute(r, ["student", "teacher"])),
+                                   ("switokd", lambda r: switokd_iteration(r, args))):
+                    slice_run = new_run(train_switokd, pair, loader)[0]  # its own loader and networks
+                    add("d", f"slice {loader}: {what}", slice_run, step(slice_run), endless_batches(slice_run),
+                        interleave=loader == "tensor")
+    if "c" in bench.only:
+        run, args = new_run(train_dml, cohort)
+        add("c", "dml", run, dml_iteration(run, args))
+        run, args = new_run(train_kdcl, cohort)
+        run.train_loader, _ = train_kdcl.collaborative_loaders(run, 2, None)
+        add("c", "kdcl (2 views)", run, kdcl_iteration(run, args, 2))
+    return jobs
+
+
+def run_mode(bench, mode, out):
+    """Measure every asked section in one precision mode; returns the table rows."""
     train_size = bench.batch_size * (bench.warmup + bench.repeats * bench.iters)
     opened = []
 
@@ -299,38 +369,17 @@ def run_mode(bench, mode, out, report):
         opened.append(run)
         return run, args
 
-    def timed(section, what, run, step, batches=None):
-        batches = batches or itertools.repeat(fixed_batch(run))
-        report(row(section, what, name, measure(run, step, batches, bench), bench))
-
     try:
-        if {"a", "b", "d"} & set(bench.only):
-            run, args = new_run(train_switokd, pair)
-            if "a" in bench.only:
-                timed("a", "bare compute", run, bare_compute(run, ["student", "teacher"]))
-                for role in ("teacher", "student"):
-                    timed("a", f"{role} fwd+bwd", run, bare_compute(run, [role]))
-                timed("a", "teacher fwd (grad on)", run, forward_only(run, "teacher", True))
-                timed("a", "teacher fwd (no_grad)", run, forward_only(run, "teacher", False))
-                timed("a", "compute + steps", run, compute_and_steps(run))
-            if "b" in bench.only:
-                timed("b", "switokd learning", run, switokd_iteration(run, args, False))
-                timed("b", "switokd expert", run, switokd_iteration(run, args, True))
-            if "d" in bench.only:
-                for loader, slice_run in (("tensor", run), ("torch", new_run(train_switokd, pair, "torch")[0])):
-                    timed("d", f"slice {loader}: bare compute", slice_run,
-                          bare_compute(slice_run, ["student", "teacher"]), endless_batches(slice_run))
-                    timed("d", f"slice {loader}: switokd", slice_run, switokd_iteration(slice_run, args),
-                          endless_batches(slice_run))
-        if "c" in bench.only:
-            run, args = new_run(train_dml, cohort)
-            timed("c", "dml", run, dml_iteration(run, args))
-            run, args = new_run(train_kdcl, cohort)
-            run.train_loader, _ = train_kdcl.collaborative_loaders(run, 2, None)
-            timed("c", "kdcl (2 views)", run, kdcl_iteration(run, args, 2))
+        jobs = mode_jobs(bench, mode, new_run)
+        measure(jobs, bench)
     finally:
         for run in opened:
             run.writer.close()
+    rows = [row(job, mode["name"], bench) for job in jobs]
+    bare = next((r for r in rows if r["name"] == "bare compute"), None)
+    for r in rows if bare else ():
+        r["x_bare"] = ratio(r, bare)
+    return rows
 
 
 def endless_batches(run):
@@ -356,12 +405,12 @@ def machine(bench):
 
 def check_targets(results):
     """The issue's targets (fp32 rows): measured ratio, bound, met."""
-    by = {(r["name"], r["mode"]): r["median_s_per_iter"] for r in results}
+    by = {(r["name"], r["mode"]): r for r in results}
     checks = []
     for what, name, reference, bound in TARGETS:
         if (name, "fp32") in by and (reference, "fp32") in by:
-            ratio = by[(name, "fp32")] / by[(reference, "fp32")]
-            checks.append({"target": what, "ratio": ratio, "at_most": bound, "met": ratio <= bound})
+            value = ratio(by[(name, "fp32")], by[(reference, "fp32")])
+            checks.append({"target": what, "ratio": value, "at_most": bound, "met": value <= bound})
     return checks
 
 
@@ -384,17 +433,11 @@ def main(argv=None):
           f"{bench.warmup} warm-up + {bench.repeats} x {bench.iters} iterations")
     print(f"s  {'what':<30} {'mode':<16} {'img/s':>9} {'min-max img/s':>19} {'ms/iter':>9} {'x bare':>7}  load")
     results = []
-
-    def report(r):
-        bare = next((b for b in results if b["name"] == "bare compute" and b["mode"] == r["mode"]), None)
-        if bare is not None:
-            r["x_bare"] = r["median_s_per_iter"] / bare["median_s_per_iter"]
-        results.append(r)
-        print_row(r)
-
     with tempfile.TemporaryDirectory(prefix="benchmark-") as out:
         for mode in bench.amp_modes:
-            run_mode(bench, mode, out, report)
+            for r in run_mode(bench, mode, out):
+                results.append(r)
+                print_row(r)
     checks = check_targets(results)
     for c in checks:
         print(f"target: {c['target']}: {c['ratio']:.3f} (at most {c['at_most']}) "

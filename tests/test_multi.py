@@ -105,7 +105,8 @@ def test_network_loss_by_hand_and_gradient():
 
     # Eqn. (7) with several guides: (p^1 - y) + weight tau sum_g (p^tau - p_g^tau), over the batch.
     total.backward()
-    expected = (F.softmax(z, 1) - F.one_hot(y, 7)) + weight * tau * sum(p - F.softmax(g / tau, 1) for g in guides)
+    kl_gradient = sum(p - F.softmax(g / tau, 1) for g in guides)
+    expected = (F.softmax(z, 1) - F.one_hot(y, 7)) + weight * tau * kl_gradient
     assert torch.allclose(z.grad, expected.detach() / 5, atol=1e-12)
 
 
