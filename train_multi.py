@@ -112,19 +112,6 @@ def parse_args(argv=None):
     return args
 
 
-class MultiRun(utils.Run):
-    """``utils.Run`` where a numbered role (``teacher2``) takes the recipe of its kind (``teacher``)."""
-
-    def __init__(self, args, method, networks, recipe_variant=None):
-        self.recipe_variant = recipe_variant
-        super().__init__(args, method, networks, recipe_variant)
-
-    def _build_network(self, role, name):
-        self.recipes[role] = utils.recipe_for(self.args.recipe, self.args.dataset,
-                                              role.rstrip("0123456789"), self.recipe_variant)
-        super()._build_network(role, name)
-
-
 def step_paused_on_zero_gradient(module):
     """``--paused-teacher zero-step``: give every parameter a zero gradient for the optimiser step."""
     for param in module.parameters():
@@ -137,7 +124,7 @@ def main(argv=None):
     args = parse_args(argv)
     students, teachers = role_names(args.teachers, args.students)
     topology = f"{len(teachers)}T{len(students)}S"
-    run = MultiRun(args, "switokd_multi", {**students, **teachers}, recipe_variant=topology)
+    run = utils.Run(args, "switokd_multi", {**students, **teachers}, recipe_variant=topology)
     pairs = [(t, s) for t in teachers for s in students]
     roles = list(run.nets)  # students, then teachers
     trace = run.state.setdefault("trace", [])  # one dict of per-iteration arrays per epoch

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -93,11 +92,13 @@ def recipe_for(name: str, dataset: str, role: str, variant: str | None = None) -
     """The recipe ``name`` for one network of ``role`` on ``dataset``.
 
     ``digits`` and ``synthetic`` have no setting in the paper; they borrow CIFAR-100's.
-    ``variant`` selects a released script's own schedule (e.g. ``"2T1S"``).
+    ``variant`` selects a released script's own schedule (e.g. ``"2T1S"``); a numbered
+    role (``teacher2``) takes the recipe of its kind.
     """
     if name not in RECIPE_NAMES:
         raise UsageError(f"unknown recipe {name!r}; choose from {', '.join(RECIPE_NAMES)}")
     dataset = dataset if dataset in PAPER_RECIPES else "cifar100"
+    role = role.rstrip("0123456789")  # teacher2 trains as a teacher
     if name == "paper":
         return PAPER_RECIPES[dataset]
     table = OFFICIAL_RECIPES.get(f"{dataset}/{variant}", OFFICIAL_RECIPES[dataset])

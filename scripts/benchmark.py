@@ -27,9 +27,12 @@ Each measurement: ``--warmup`` untimed iterations, then ``--repeats`` timed roun
 the rows take turns (all but the DataLoader slices, which run alone), so that a change of
 load on a shared machine hits every row alike. The table shows the median images/s, the
 min-max range over rounds and the time ratio to the bare compute of the same precision
-mode (the median of the per-round ratios). ``--amp-modes`` lists the precision modes: fp32, bf16
-or fp16 (autocast; fp16 adds the GradScaler), each optionally suffixed with ``+cl``
-(channels_last) and/or ``+compile`` (torch.compile). Example::
+mode (the median of the per-round ratios); the issue's targets are checked at the end.
+
+``--amp-modes`` lists the precision modes: fp32, bf16 or fp16 (autocast; fp16 adds the
+GradScaler), each optionally suffixed with ``+cl`` (channels_last) and/or ``+compile``
+(torch.compile). On a CPU shared with other jobs, give ``--threads`` the number of idle
+cores: an OpenMP thread waiting for a descheduled sibling makes timings erratic. Example::
 
     python scripts/benchmark.py --json results/benchmark.json
     python scripts/benchmark.py --quick                 # a smoke check of every section
@@ -39,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -393,7 +395,8 @@ def endless_batches(run):
 def machine(bench):
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     device = utils.choose_device(bench.device)
@@ -429,8 +432,8 @@ def main(argv=None):
     print(f"# {info['cpu']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), "
           f"torch {info['torch']}, device {info['device']}{' ' + info['gpu'] if info['gpu'] else ''}, "
           f"load average {info['load_average_start'][0]:.2f}")
-    print(f"# teacher {bench.teacher}, student {bench.student}, batch {bench.batch_size}, {bench.classes} classes; "
-          f"{bench.warmup} warm-up + {bench.repeats} x {bench.iters} iterations")
+    print(f"# teacher {bench.teacher}, student {bench.student}, batch {bench.batch_size}, "
+          f"{bench.classes} classes; {bench.warmup} warm-up + {bench.repeats} x {bench.iters} iterations")
     print(f"s  {'what':<30} {'mode':<16} {'img/s':>9} {'min-max img/s':>19} {'ms/iter':>9} {'x bare':>7}  load")
     results = []
     with tempfile.TemporaryDirectory(prefix="benchmark-") as out:

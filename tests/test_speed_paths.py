@@ -28,7 +28,8 @@ def initial_weights(monkeypatch):
     epochs = utils.Run.epochs
 
     def snapshot(self):
-        weights.update({role: {k: v.clone() for k, v in m.state_dict().items()} for role, m in self.modules.items()})
+        weights.update({role: {k: v.clone() for k, v in module.state_dict().items()}
+                        for role, module in self.modules.items()})
         return epochs(self)
     monkeypatch.setattr(utils.Run, "epochs", snapshot)
     return weights
