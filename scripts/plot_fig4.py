@@ -29,6 +29,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def save_figure(fig, output: Path) -> Path:
+    """Write ``fig`` as a PNG (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return output
+
+
 def series(rows, key):
     """(epochs, values) of ``key`` where the rows have it."""
     points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
@@ -133,10 +142,7 @@ def plot(run_dir: Path, compare: Path | None, output: Path) -> Path:
     r_form = {"ratio": "r = d_t / d_s (Fig. 4e)", "sum": "r = d_t / (d_s + d_t) (Fig. 4f)"}.get(args.get("r_form"), "")
     fig.suptitle(f"{label_of(run_dir)}: student {args.get('student', '?')}, teacher {args.get('teacher', '?')}, "
                  f"{args.get('dataset', '?')}   {r_form}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plot_fig4 import save_figure
 from summarize import mean_std, read_runs
 
 METHODS = {"kd": ("KD", "tab:gray"), "dml": ("DML", "tab:blue"), "kdcl": ("KDCL", "tab:orange"),
@@ -85,10 +86,7 @@ def plot(root: Path, experiments: list[str], output: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Student accuracy against teacher capacity (mean ± std over seeds)")
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)
 
 
 def main(argv=None) -> int:

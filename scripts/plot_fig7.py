@@ -14,21 +14,15 @@ run's wall time (evaluation included); the legend says so.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from plot_fig4 import iteration_positions, moving_average
+from plot_fig4 import iteration_positions, moving_average, read_metrics, save_figure
 from summarize import read_runs
 
 METHODS = {"switokd": ("SwitOKD", "tab:green"), "dml": ("DML", "tab:blue"), "kdcl": ("KDCL", "tab:orange")}
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def tensorboard_seconds(run_dir: Path):
@@ -47,7 +41,7 @@ def tensorboard_seconds(run_dir: Path):
 
 def iteration_times(run) -> dict:
     """The run's per-iteration seconds with x in epochs, and its cumulative hours, as recorded."""
-    rows = metrics_rows(run.path)
+    rows = read_metrics(run.path) if (run.path / "metrics.jsonl").is_file() else []
     epochs = len(rows)
     npz = run.path / "switching.npz"
     if npz.is_file():
@@ -112,10 +106,7 @@ def plot(root: Path, output: Path) -> Path:
                  f"teacher {networks.get('teacher', {}).get('arch', '?')}; step time = forward + backward + "
                  f"update (no data loading, no evaluation)")
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+    return save_figure(fig, output)
 
 
 def main(argv=None) -> int:
