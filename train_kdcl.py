@@ -21,18 +21,12 @@ of the probability errors p_i - y and p_j - y on a held-out part of the training
 (``--holdout`` images, never trained on), recomputed at the start of every epoch.
 Roles and ``--roles`` as in train_dml.py.
 """
-import copy
-import time
+import utils  # first: Ctrl-C during the slow imports then ends quietly
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
 
-import utils
-from datasets.core import balanced_subset
-from datasets.loaders import TensorLoader, TorchLoader
-from train_dml import add_cohort_flags, cohort
-from train_switokd import distillation_loss
+from distill import kl_loss
 
 ENSEMBLES = ("minlogit", "naive", "linear", "general")
 
@@ -139,199 +133,105 @@ def kdcl_loss(logits, ensemble_logits, targets, lam=1.0, tau=2.0):
     Returns (total, CE term, KL term before lambda).
     """
     ce = F.cross_entropy(logits, targets)
-    kl = distillation_loss(ensemble_logits, logits, tau)
+    kl = kl_loss(ensemble_logits, logits, tau)
     return ce + lam * kl, ce, kl
 
 
 @torch.no_grad()
-def held_out_error_gram(nets, loader, run):
+def held_out_error_gram(nets, loader, precision):
     """C_ij = mean over the held-out images of <p_i - y, p_j - y> (softmax at tau = 1, eval mode)."""
     modes = [net.training for net in nets]
     for net in nets:
         net.eval()
-    total = torch.zeros(len(nets), len(nets), dtype=torch.float64, device=run.device)
-    count = 0
+    total, count = 0.0, 0
     for images, targets in loader:
-        with run.autocast():
-            errors = [F.softmax(net(images).float(), dim=1) - F.one_hot(targets, run.data.num_classes)
-                      for net in nets]
-        e = torch.stack(errors).double()                              # (m, B, C)
-        gram = torch.einsum("ibc,jbc->ij", e, e)
-        total += gram
+        with precision.autocast():
+            logits = [net(images).float() for net in nets]
+        e = torch.stack([F.softmax(z, dim=1) - F.one_hot(targets, z.size(1)) for z in logits]).double()  # (m, B, C)
+        total = total + torch.einsum("ibc,jbc->ij", e, e)
         count += len(targets)
     for net, mode in zip(nets, modes):
         net.train(mode)
-    stats = torch.cat([total.flatten(), total.new_tensor([count])])
-    stats = run.all_reduce_mean(stats)
+    stats = utils.all_reduce_mean(torch.cat([total.flatten(), total.new_tensor([count])]))
     return (stats[:-1] / stats[-1]).view(len(nets), len(nets))
 
 
-# --------------------------------------------------------------------------- data: one view per network
+def train_step(nets, optimizers, images, targets, views, ensemble, weights, tau, lam, precision):
+    """One iteration of KDCL: each network on its own view, the ensemble target, one backward.
 
-class MultiViewTensorLoader(TensorLoader):
-    """The tensor loader, yielding ``views`` independent crop/flip draws of each batch along dim 0."""
-
-    def __init__(self, *args, views: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.views = views
-
-    def _augment(self, x, gen):
-        return torch.cat([super(MultiViewTensorLoader, self)._augment(x, gen) for _ in range(self.views)])
-
-
-class _Views(Dataset):
-    """Item i is (``views`` independent transforms of image i stacked, label)."""
-
-    def __init__(self, dataset, views):
-        self.dataset, self.views = dataset, views
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        items = [self.dataset[index] for _ in range(self.views)]
-        return torch.stack([image for image, _ in items]), items[0][1]
-
-
-class MultiViewTorchLoader(TorchLoader):
-    """The DataLoader path, yielding ``views`` transforms of each batch, stacked along dim 0."""
-
-    def __init__(self, dataset, *args, views: int, **kwargs):
-        super().__init__(_Views(dataset, views), *args, **kwargs)
-
-    def __iter__(self):
-        for images, targets in super().__iter__():                    # images: (B, views, C, H, W)
-            yield images.transpose(0, 1).flatten(0, 1), targets
-
-
-def _with_transform(dataset, transform):
-    """A shallow copy of ``dataset`` (through Subsets) serving items through ``transform``."""
-    if isinstance(dataset, Subset):
-        return Subset(_with_transform(dataset.dataset, transform), dataset.indices)
-    dataset = copy.copy(dataset)
-    dataset.transform = transform
-    return dataset
-
-
-def _targets(dataset):
-    if isinstance(dataset, Subset):
-        return torch.as_tensor(_targets(dataset.dataset))[torch.as_tensor(dataset.indices)]
-    return torch.as_tensor(dataset.targets)
-
-
-def _eval_transform(dataset):
-    return _eval_transform(dataset.dataset) if isinstance(dataset, Subset) else dataset.transform
-
-
-def collaborative_loaders(run, views, holdout):
-    """A train loader with ``views`` augmentations per batch and, when ``holdout``, a held-out eval loader.
-
-    The held-out images are a fixed, class-balanced choice (``datasets.core.balanced_subset``),
-    removed from training and served unaugmented, as the test split is.
+    ``images`` holds ``views`` augmentations of the batch, view-major; network k sees view
+    k mod ``views``. Returns the logged values (device tensors), by role.
     """
-    data, args = run.data, run.args
-    tensor = isinstance(run.train_loader, TensorLoader)
-    batch = run.train_loader.batch_size if tensor else run.train_loader.loader.batch_size
-    test_batch = run.test_loader.batch_size if tensor else run.test_loader.loader.batch_size
-    targets = data.train_arrays[1] if tensor else _targets(data.train)
-    shard = dict(device=run.device, seed=args.seed, rank=run.rank, world_size=run.world_size)
-
-    train_idx, held_idx = torch.arange(len(targets)), None
-    if holdout:
-        if not 0 < holdout < len(targets):
-            raise utils.UsageError(f"--holdout {holdout} must be between 1 and {len(targets) - 1} "
-                                   f"(the training set has {len(targets)} images)")
-        held_idx = balanced_subset(targets, holdout)
-        keep = torch.ones(len(targets), dtype=torch.bool)
-        keep[held_idx] = False
-        train_idx = keep.nonzero().flatten()
-
-    if tensor:
-        images, labels = data.train_arrays
-        common = dict(padding=data.crop_padding, flip=data.flip, mean=data.mean, std=data.std, **shard)
-        train = MultiViewTensorLoader((images[train_idx], labels[train_idx]), batch, train=True,
-                                      drop_last=False, views=views, **common)
-        held = None if held_idx is None else TensorLoader(
-            (images[held_idx], labels[held_idx]), test_batch, train=False, drop_last=False, **common)
-        return train, held
-    common = dict(workers=args.workers, **shard)
-    train = MultiViewTorchLoader(Subset(data.train, train_idx.tolist()), batch, train=True, drop_last=False,
-                                 views=views, **common)
-    held = None if held_idx is None else TorchLoader(
-        Subset(_with_transform(data.train, _eval_transform(data.test)), held_idx.tolist()), test_batch,
-        train=False, drop_last=False, **common)
-    return train, held
+    roles = list(nets)
+    inputs = images.chunk(views)
+    with precision.autocast():
+        logits = [nets[role](inputs[k % views]).float() for k, role in enumerate(roles)]
+    z_m, used = ensemble_target(ensemble, logits, targets, weights)
+    losses = [kdcl_loss(z, z_m, targets, lam, tau) for z in logits]
+    for role in roles:
+        optimizers[role].zero_grad(set_to_none=True)
+    precision.backward(sum(total for total, _, _ in losses))
+    precision.step(*(optimizers[role] for role in roles))
+    values = {"ensemble_ce": F.cross_entropy(z_m, targets)}
+    for role, (_, ce, kl) in zip(roles, losses):
+        values.update({f"{role}/ce": ce, f"{role}/kl": kl})
+    if ensemble == "linear":
+        values.update({f"w_{role}": w for role, w in zip(roles, used)})
+    return values
 
 
 # --------------------------------------------------------------------------- flags
 
 def parse_args(argv=None):
-    p = utils.common_parser(__doc__.splitlines()[0])
-    add_cohort_flags(p)
-    g = p.add_argument_group("KDCL")
+    p = utils.ArgumentParser(__doc__.splitlines()[0])
+    utils.add_cohort_flags(p)
+    g = p.method_group("KDCL")
     g.add_argument("--ensemble", default="minlogit", choices=ENSEMBLES, help="how the soft target is built")
-    g.add_argument("--tau", type=utils.positive(float), default=2.0, help="distillation temperature")
-    g.add_argument("--lam", type=float, default=1.0, help="weight lambda of the KL term")
-    g.add_argument("--holdout", type=utils.positive(int), metavar="N",
+    g.add_argument("--tau", type=utils.POSITIVE, default=2.0, help="distillation temperature")
+    g.add_argument("--lam", type=utils.NON_NEGATIVE, default=1.0, help="weight lambda of the KL term")
+    g.add_argument("--holdout", type=utils.POSITIVE_INT, metavar="N",
                    help="held-out training images for --ensemble general (default: 10%% of the training set)")
     g.add_argument("--shared-augmentation", action="store_true",
                    help="every network sees the same augmented batch (no invariant collaborative learning)")
-    return p.parse_args(argv)
+    utils.add_common_flags(p)
+    args = utils.parse_args(p, argv)
+    if args.holdout is not None and args.ensemble != "general":
+        p.error(f"--holdout applies to --ensemble general only, not {args.ensemble}")
+    return args
 
 
 # --------------------------------------------------------------------------- training
 
 def main(argv=None):
     args = parse_args(argv)
-    networks = cohort(args)
-    if args.holdout is not None and args.ensemble != "general":
-        raise utils.UsageError(f"--holdout applies to --ensemble general only, not {args.ensemble}")
-    run = utils.Run(args, "kdcl", networks)
-    roles = list(networks)
-    nets = [run.nets[role] for role in roles]
-    optimizers = [run.optimizers[role] for role in roles]
-    views = 1 if args.shared_augmentation else len(nets)
+    networks = utils.cohort(args.models, args.roles)
+    views = 1 if args.shared_augmentation else len(networks)
+    holdout = (args.holdout or 0.1) if args.ensemble == "general" else 0
+    run = utils.Run(args, "kdcl", networks, script="three-networks" if len(networks) == 3 else None,
+                    data_options={"views": views, "holdout": holdout})
+    nets = [run.nets[role] for role in networks]
 
-    holdout = None
-    if args.ensemble == "general":
-        holdout = args.holdout or max(1, round(0.1 * len(run.data.train)))
-    run.train_loader, holdout_loader = collaborative_loaders(run, views, holdout)
-    run.global_step = run.epoch * len(run.train_loader)
-
-    weights = None
-    for _ in run.epochs():
+    for epoch in run.epochs():
         extra = {}
-        if holdout_loader is not None:
-            weights = general_weights(held_out_error_gram(nets, holdout_loader, run))
-            extra = {f"ensemble/w_{role}": w for role, w in zip(roles, weights.tolist())}
+        if args.ensemble == "general":  # KDCL-General: weights from the held-out errors, once per epoch
+            run.state["general_weights"] = general_weights(
+                held_out_error_gram(nets, run.loaders.holdout, run.precision)).tolist()
+            extra = {f"ensemble/w_{role}": w for role, w in zip(networks, run.state["general_weights"])}
+        weights = torch.tensor(run.state["general_weights"], device=run.device) \
+            if "general_weights" in run.state else None
         for images, targets in run.train_batches():
-            start = time.perf_counter()
-            inputs = images.chunk(views)
-            with run.autocast():
-                logits = [net(inputs[k % views]).float() for k, net in enumerate(nets)]
-            z_m, used = ensemble_target(args.ensemble, logits, targets, weights)
-            losses = [kdcl_loss(z, z_m, targets, args.lam, args.tau) for z in logits]
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            run.backward(sum(total for total, _, _ in losses))
-            run.step(*optimizers)
-            run.synchronize()
-
-            values = {"ensemble_ce": F.cross_entropy(z_m, targets)}
-            for role, (_, ce, kl) in zip(roles, losses):
-                values.update({f"{role}_ce": ce, f"{role}_kl": kl})
-            if args.ensemble == "linear":
-                values.update({f"w_{role}": w for role, w in zip(roles, used)})
-            values["seconds"] = time.perf_counter() - start
-            run.log_iteration(values)
-        run.end_epoch(extra)
+            run.log(train_step(run.nets, run.optimizers, images, targets, views, args.ensemble, weights,
+                               args.tau, args.lam, run.precision))
+        run.step_schedulers()
+        metrics = run.evaluate()
+        run.end_epoch(metrics, extra)
 
     return run.finish({"kdcl": {
         "ensemble": args.ensemble, "tau": args.tau, "lam": args.lam,
         "augmentation": "shared" if args.shared_augmentation else "per-network",
-        "holdout": holdout,
-        "general_weights": None if weights is None else dict(zip(roles, weights.tolist())),
-    }})
+        "holdout": len(run.data.holdout) if holdout else 0,
+        "general_weights": dict(zip(networks, run.state["general_weights"])) if "general_weights" in run.state
+        else None}})
 
 
 if __name__ == "__main__":

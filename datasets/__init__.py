@@ -9,14 +9,14 @@ Datasets (``NAMES``): ``cifar10``/``cifar100`` (torchvision, downloadable),
 
 from __future__ import annotations
 
-from .core import DataBundle, DatasetNotFoundError, take_subset
-from .loaders import make_loaders
+from .core import DataBundle, DatasetNotFoundError, split_holdout, take_subset
+from .loaders import Loaders, make_loaders
 from .small import build_digits, build_synthetic
 from .vision import build_cifar, build_imagenet, build_tinyimagenet
 
 NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "digits", "synthetic")
 
-__all__ = ["NAMES", "DataBundle", "DatasetNotFoundError", "build", "make_loaders"]
+__all__ = ["NAMES", "DataBundle", "DatasetNotFoundError", "Loaders", "build", "make_loaders"]
 
 
 def _build_full(name: str, root: str, download: bool, synthetic: dict | None) -> DataBundle:
@@ -32,13 +32,15 @@ def _build_full(name: str, root: str, download: bool, synthetic: dict | None) ->
 
 
 def build(name: str, root: str = "./data", download: bool = False, train_subset: int | None = None,
-          test_subset: int | None = None, synthetic: dict | None = None) -> DataBundle:
+          test_subset: int | None = None, synthetic: dict | None = None, holdout: int | float = 0) -> DataBundle:
     """Build the :class:`DataBundle` of dataset ``name``.
 
     ``train_subset``/``test_subset`` keep a fixed, seed-independent, class-balanced
     choice of ``min(N, size)`` examples (same choice for the dataset and its arrays).
     ``synthetic`` overrides the synthetic set's options (``num_classes``,
     ``train_size``, ``test_size``, ``image_size``) and is only accepted for it.
+    ``holdout`` sets that many (or that fraction of the) class-balanced training images aside as ``bundle.holdout``
+    (see :func:`datasets.core.split_holdout`), after the subset is taken.
     Raises :class:`DatasetNotFoundError` when the data is missing or unreadable.
     """
     if name not in NAMES:
@@ -48,4 +50,4 @@ def build(name: str, root: str = "./data", download: bool = False, train_subset:
     bundle = _build_full(name, str(root), download, synthetic)
     bundle.train, bundle.train_arrays = take_subset(bundle.train, bundle.train_arrays, train_subset)
     bundle.test, bundle.test_arrays = take_subset(bundle.test, bundle.test_arrays, test_subset)
-    return bundle
+    return split_holdout(bundle, holdout) if holdout else bundle

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -18,14 +19,15 @@ def not_found(name: str, path, layout: str, hint: str) -> DatasetNotFoundError:
     return DatasetNotFoundError(f"{name} dataset not found or unreadable at '{path}': expected {layout}; {hint}")
 
 
-@dataclass
+@dataclasses.dataclass
 class DataBundle:
     """Everything the training engine needs to know about one dataset.
 
     ``train``/``test`` yield ``(float32 CHW tensor, int label)`` with the train
     augmentation / eval transform applied. ``train_arrays``/``test_arrays`` are the
     raw, unaugmented ``(uint8 N,C,H,W, int64 N)`` tensors of in-memory datasets and
-    ``None`` for disk-backed ones.
+    ``None`` for disk-backed ones. ``holdout``/``holdout_arrays`` (see :func:`split_holdout`)
+    are training images set aside, served through the eval transform.
     """
 
     name: str
@@ -39,6 +41,8 @@ class DataBundle:
     test_arrays: tuple[Tensor, Tensor] | None
     crop_padding: int
     flip: bool
+    holdout: Dataset | None = None
+    holdout_arrays: tuple[Tensor, Tensor] | None = None
 
 
 def balanced_subset(targets: Tensor, n: int) -> Tensor:
@@ -62,14 +66,61 @@ def balanced_subset(targets: Tensor, n: int) -> Tensor:
     return round_robin[:n].sort().values
 
 
+def targets_of(dataset: Dataset) -> Tensor:
+    """The labels of a dataset with a ``targets`` list, through any chain of ``Subset``s."""
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[torch.as_tensor(dataset.indices)]
+    return torch.as_tensor(dataset.targets)
+
+
 def take_subset(dataset: Dataset, arrays: tuple[Tensor, Tensor] | None, n: int | None):
     """Apply :func:`balanced_subset` of size ``n`` to a dataset and its arrays (``n=None`` keeps all)."""
     if n is None:
         return dataset, arrays
-    idx = balanced_subset(torch.as_tensor(dataset.targets), n)
+    return _select(dataset, arrays, balanced_subset(targets_of(dataset), n))
+
+
+def _select(dataset: Dataset, arrays, idx: Tensor):
     if arrays is not None:
         arrays = (arrays[0][idx], arrays[1][idx])
     return Subset(dataset, idx.tolist()), arrays
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of ``dataset`` (through any chain of ``Subset``s) serving its items through ``transform``."""
+    if isinstance(dataset, Subset):
+        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
+    dataset = copy.copy(dataset)
+    dataset.transform = transform
+    return dataset
+
+
+def eval_transform(dataset: Dataset):
+    """The transform a dataset (or the dataset under its ``Subset``s) serves items through."""
+    return eval_transform(dataset.dataset) if isinstance(dataset, Subset) else dataset.transform
+
+
+def split_holdout(bundle: DataBundle, n: int | float) -> DataBundle:
+    """``bundle`` with a fixed, class-balanced choice of ``n`` training images moved to ``holdout``.
+
+    ``n`` is a count, or a fraction of the training split when below 1. The held-out images
+    leave the training split and are served unaugmented, through the test split's transform
+    (e.g. KDCL-General's ensemble weights are fitted on them).
+    """
+    targets = targets_of(bundle.train)
+    if 0 < n < 1:
+        n = max(1, round(n * len(targets)))
+    if not 0 < n < len(targets):
+        raise ValueError(f"holdout {n} must be between 1 and {len(targets) - 1} "
+                         f"(the training split has {len(targets)} images)")
+    held = balanced_subset(targets, n)
+    keep = torch.ones(len(targets), dtype=torch.bool)
+    keep[held] = False
+    train, train_arrays = _select(bundle.train, bundle.train_arrays, keep.nonzero().flatten())
+    holdout, holdout_arrays = _select(with_transform(bundle.train, eval_transform(bundle.test)),
+                                      bundle.train_arrays, held)
+    return dataclasses.replace(bundle, train=train, train_arrays=train_arrays,
+                               holdout=holdout, holdout_arrays=holdout_arrays)
 
 
 def gather_crops(padded: Tensor, top: Tensor, left: Tensor, height: int, width: int,

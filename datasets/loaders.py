@@ -2,7 +2,11 @@
 
 Both loader kinds share one contract: iterating yields ``(images, targets)`` on the
 target device (normalised float32 NCHW, int64), ``len(loader)`` is the number of
-batches per epoch, and ``loader.set_epoch(epoch)`` fixes the epoch. The sample order
+batches per epoch, and ``loader.set_epoch(epoch)`` fixes the epoch. Two options of the
+training loader: ``views=K`` draws K independent augmentations of every batch, stacked
+view-major along dim 0 (``images.chunk(K)[k]`` is view k of the whole batch);
+``with_index=True`` also yields each sample's index in the training split (a third
+element, e.g. for CRD's memory of embeddings). The sample order
 and every random augmentation of an epoch are a function of ``(seed, epoch)`` (and the
 rank) only, so resuming at epoch ``e`` reproduces it exactly without saved loader state.
 
@@ -16,6 +20,7 @@ order, so for the same arguments they visit the same samples in the same sequenc
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,10 +72,12 @@ class _SeededItems(Dataset):
 
     Per-sample seeds make the augmentation independent of worker count, worker
     assignment and worker lifetime (persistent workers keep no RNG history that matters).
+    With ``views`` > 1 the item holds that many transforms of the image, stacked; with
+    ``with_index`` it also holds the index.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, views: int = 1, with_index: bool = False) -> None:
+        self.dataset, self.views, self.with_index = dataset, views, with_index
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -79,7 +86,9 @@ class _SeededItems(Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
+            items = [self.dataset[index] for _ in range(self.views)]
+        image = items[0][0] if self.views == 1 else torch.stack([image for image, _ in items])
+        return (image, items[0][1], index) if self.with_index else (image, items[0][1])
 
 
 class TorchLoader:
@@ -90,12 +99,14 @@ class TorchLoader:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, train: bool, device: torch.device, workers: int,
-                 seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+                 seed: int, rank: int, world_size: int, drop_last: bool, views: int = 1,
+                 with_index: bool = False) -> None:
         self.sampler = _SeededSampler(len(dataset), train, seed, rank, world_size)
-        self.device = device
+        self.device, self.views = device, views
         self.generator = torch.Generator().manual_seed(mix_seed(seed, 0, rank))
         self.loader = DataLoader(
-            _SeededItems(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            _SeededItems(dataset, views, with_index), batch_size=batch_size, sampler=self.sampler,
+            num_workers=workers,
             persistent_workers=workers > 0, pin_memory=device.type == "cuda", drop_last=drop_last,
             generator=self.generator,
         )
@@ -108,8 +119,10 @@ class TorchLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for images, targets in self.loader:
-            yield images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        for images, *rest in self.loader:
+            if self.views > 1:  # (B, K, C, H, W) -> view-major (K * B, C, H, W)
+                images = images.transpose(0, 1).flatten(0, 1)
+            yield images.to(self.device, non_blocking=True), *(t.to(self.device, non_blocking=True) for t in rest)
 
 
 class TensorLoader:
@@ -121,9 +134,11 @@ class TensorLoader:
     """
 
     def __init__(self, arrays, batch_size: int, *, train: bool, padding: int, flip: bool, mean, std,
-                 device: torch.device, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+                 device: torch.device, seed: int, rank: int, world_size: int, drop_last: bool, views: int = 1,
+                 with_index: bool = False) -> None:
         self.images, self.targets = (t.to(device) for t in arrays)
         self.batch_size, self.train, self.padding, self.flip = batch_size, train, padding, flip
+        self.views, self.with_index = views, with_index
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.device, self.seed, self.rank, self.world_size = device, seed, rank, world_size
@@ -157,31 +172,49 @@ class TensorLoader:
             batch = idx[start:start + self.batch_size]
             x = self.images[batch]
             if self.train:
-                x = self._augment(x, gen)
+                x = torch.cat([self._augment(x, gen) for _ in range(self.views)])
             x = x.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
-            yield x, self.targets[batch]
+            yield (x, self.targets[batch], batch) if self.with_index else (x, self.targets[batch])
+
+
+class Loaders(NamedTuple):
+    """The loaders of one bundle: training, test and (when the bundle has one) held-out split."""
+
+    train: TorchLoader | TensorLoader
+    test: TorchLoader | TensorLoader
+    holdout: TorchLoader | TensorLoader | None = None
 
 
 def make_loaders(bundle: DataBundle, batch_size: int, test_batch_size: int, loader: str = "torch",
                  device="cpu", workers: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False):
-    """``(train_loader, test_loader)`` of kind ``loader`` ("torch" or "tensor"); ``drop_last`` applies to train only."""
+                 drop_last: bool = False, views: int = 1, with_index: bool = False) -> Loaders:
+    """The :class:`Loaders` of kind ``loader`` ("torch" or "tensor").
+
+    ``drop_last``, ``views`` and ``with_index`` apply to the training loader (see the
+    module docstring); the held-out split, if any, is loaded like the test split.
+    """
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; accepted: {', '.join(LOADERS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
+    if views < 1:
+        raise ValueError(f"views must be a positive integer, got {views}")
     device = torch.device(device)
     shard = dict(device=device, seed=seed, rank=rank, world_size=world_size)
+    train = dict(train=True, drop_last=drop_last, views=views, with_index=with_index)
     if loader == "torch":
-        return (
-            TorchLoader(bundle.train, batch_size, train=True, workers=workers, drop_last=drop_last, **shard),
-            TorchLoader(bundle.test, test_batch_size, train=False, workers=workers, drop_last=False, **shard),
-        )
-    if bundle.train_arrays is None or bundle.test_arrays is None:
-        raise ValueError("--loader tensor needs an in-memory dataset (cifar10, cifar100, digits, synthetic); "
-                         f"{bundle.name!r} is disk-backed: use --loader torch")
-    common = dict(padding=bundle.crop_padding, flip=bundle.flip, mean=bundle.mean, std=bundle.std, **shard)
-    return (
-        TensorLoader(bundle.train_arrays, batch_size, train=True, drop_last=drop_last, **common),
-        TensorLoader(bundle.test_arrays, test_batch_size, train=False, drop_last=False, **common),
-    )
+        def make(dataset, batch, **options):
+            return TorchLoader(dataset, batch, workers=workers, **shard, **options)
+        splits = bundle.train, bundle.test, bundle.holdout
+    else:
+        if bundle.train_arrays is None or bundle.test_arrays is None:
+            raise ValueError("--loader tensor needs an in-memory dataset (cifar10, cifar100, digits, synthetic); "
+                             f"{bundle.name!r} is disk-backed: use --loader torch")
+
+        def make(arrays, batch, **options):
+            return TensorLoader(arrays, batch, padding=bundle.crop_padding, flip=bundle.flip, mean=bundle.mean,
+                                std=bundle.std, **shard, **options)
+        splits = bundle.train_arrays, bundle.test_arrays, bundle.holdout_arrays
+    evaluation = dict(train=False, drop_last=False)
+    return Loaders(make(splits[0], batch_size, **train), make(splits[1], test_batch_size, **evaluation),
+                   None if splits[2] is None else make(splits[2], test_batch_size, **evaluation))

@@ -226,7 +226,7 @@ def test_kdcl_loss_and_gradient_are_table1():
 
 
 def fake_run(kind, bundle, batch=8):
-    train, test = datasets.make_loaders(bundle, batch, batch, loader=kind, workers=0, seed=3)
+    train, test, _ = datasets.make_loaders(bundle, batch, batch, loader=kind, workers=0, seed=3)
     return SimpleNamespace(data=bundle, args=SimpleNamespace(seed=3, workers=0), train_loader=train,
                            test_loader=test, device=torch.device("cpu"), rank=0, world_size=1)
 

@@ -149,7 +149,7 @@ def test_tinyimagenet_real_layout(tiny_root):
     assert gray.shape == (3, 64, 64)
     with pytest.raises(ValueError, match="'tinyimagenet' is disk-backed: use --loader torch"):
         datasets.make_loaders(bundle, 4, 4, loader="tensor")
-    train, test = datasets.make_loaders(bundle, 4, 4, workers=0)
+    train, test, _ = datasets.make_loaders(bundle, 4, 4, workers=0)
     x, y = _collect(test)
     assert x.shape == (7, 3, 64, 64) and y.tolist() == bundle.test.targets
     assert len(train) == 3 and sum(len(b[1]) for b in train) == 9
@@ -303,18 +303,18 @@ def _assert_uniform(codes: torch.Tensor, flip: bool) -> None:
 @pytest.mark.parametrize("kind, n", [("tensor", 8000), ("torch", 3000)])
 def test_crop_flip_distribution_matches_randomcrop(kind, n):
     """Both loaders draw (top, left, flip) uniformly over 9 x 9 x 2 with zero padding."""
-    train, _ = datasets.make_loaders(_probe_bundle(n, flip=True), 1000, 1000, loader=kind, workers=0, seed=3)
+    train, _, _ = datasets.make_loaders(_probe_bundle(n, flip=True), 1000, 1000, loader=kind, workers=0, seed=3)
     train.set_epoch(0)
     _assert_uniform(_decode(_collect(train)[0]), flip=True)
 
 
 def test_tensor_loader_never_flips_without_flip():
-    train, _ = datasets.make_loaders(_probe_bundle(4000, flip=False), 1000, 1000, loader="tensor")
+    train, _, _ = datasets.make_loaders(_probe_bundle(4000, flip=False), 1000, 1000, loader="tensor")
     _assert_uniform(_decode(_collect(train)[0]), flip=False)
 
 
 def test_torch_loader_never_flips_without_flip():
-    train, _ = datasets.make_loaders(_probe_bundle(1500, flip=False), 500, 500, loader="torch", workers=0)
+    train, _, _ = datasets.make_loaders(_probe_bundle(1500, flip=False), 500, 500, loader="torch", workers=0)
     assert (_decode(_collect(train)[0]) % 2 == 0).all()
 
 
@@ -325,8 +325,8 @@ def test_torch_loader_never_flips_without_flip():
 def test_tensor_and_torch_loaders_agree_on_test_split(name, request):
     root = request.getfixturevalue("cifar10_root") if name == "cifar10" else "unused"
     bundle = datasets.build(name, root=root)
-    _, torch_test = datasets.make_loaders(bundle, 16, 7, loader="torch", workers=0)
-    _, tensor_test = datasets.make_loaders(bundle, 16, 7, loader="tensor")
+    _, torch_test, _ = datasets.make_loaders(bundle, 16, 7, loader="torch", workers=0)
+    _, tensor_test, _ = datasets.make_loaders(bundle, 16, 7, loader="tensor")
     assert len(torch_test) == len(tensor_test)
     (xa, ya), (xb, yb) = _collect(torch_test), _collect(tensor_test)
     assert torch.equal(ya, yb) and torch.equal(yb, bundle.test_arrays[1])
@@ -340,8 +340,8 @@ def _small_bundle():
 @pytest.mark.parametrize("kind", ["tensor", "torch"])
 def test_set_epoch_determinism(kind):
     bundle = _small_bundle()
-    train, _ = datasets.make_loaders(bundle, 16, 16, loader=kind, workers=0, seed=5)
-    other, _ = datasets.make_loaders(bundle, 16, 16, loader=kind, workers=0, seed=5)
+    train, _, _ = datasets.make_loaders(bundle, 16, 16, loader=kind, workers=0, seed=5)
+    other, _, _ = datasets.make_loaders(bundle, 16, 16, loader=kind, workers=0, seed=5)
     train.set_epoch(2)
     first = _collect(train)
     train.set_epoch(3)
@@ -356,8 +356,8 @@ def test_set_epoch_determinism(kind):
 def test_torch_loader_workers_do_not_change_augmentation():
     """Persistent workers, 0 workers, and re-visiting an epoch all give the same batches."""
     bundle = _small_bundle()
-    solo, _ = datasets.make_loaders(bundle, 16, 16, workers=0, seed=1)
-    pooled, _ = datasets.make_loaders(bundle, 16, 16, workers=2, seed=1)
+    solo, _, _ = datasets.make_loaders(bundle, 16, 16, workers=0, seed=1)
+    pooled, _, _ = datasets.make_loaders(bundle, 16, 16, workers=2, seed=1)
     solo.set_epoch(4)
     reference = _collect(solo)
     for epoch in (4, 1, 4):
@@ -376,8 +376,8 @@ def test_loaders_leave_global_rng_alone():
 
 def test_both_kinds_visit_the_same_train_order():
     bundle = _small_bundle()
-    a, _ = datasets.make_loaders(bundle, 16, 16, loader="torch", workers=0, seed=9)
-    b, _ = datasets.make_loaders(bundle, 16, 16, loader="tensor", seed=9)
+    a, _, _ = datasets.make_loaders(bundle, 16, 16, loader="torch", workers=0, seed=9)
+    b, _, _ = datasets.make_loaders(bundle, 16, 16, loader="tensor", seed=9)
     a.set_epoch(1)
     b.set_epoch(1)
     assert torch.equal(_collect(a)[1], _collect(b)[1])
@@ -388,7 +388,7 @@ def test_distributed_shards(kind):
     bundle = _small_bundle()
     tests, trains = [], []
     for rank in range(2):
-        train, test = datasets.make_loaders(bundle, 8, 4, loader=kind, workers=0, seed=2, rank=rank, world_size=2)
+        train, test, _ = datasets.make_loaders(bundle, 8, 4, loader=kind, workers=0, seed=2, rank=rank, world_size=2)
         train.set_epoch(1)
         tests.append(_collect(test))
         trains.append(_collect(train))
@@ -412,6 +412,6 @@ def test_train_shards_share_one_permutation():
 def test_drop_last_and_len():
     bundle = _small_bundle()
     for kind in ("torch", "tensor"):
-        train, test = datasets.make_loaders(bundle, 16, 10, loader=kind, workers=0, drop_last=True)
+        train, test, _ = datasets.make_loaders(bundle, 16, 10, loader=kind, workers=0, drop_last=True)
         assert len(train) == 4 and sum(1 for _ in train) == 4 and len(test) == 3
         assert all(len(y) == 16 for _, y in train)
