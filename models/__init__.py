@@ -1,25 +1,34 @@
 """Model zoo for the SwitOKD reproduction.
 
-``build(name, num_classes, image_size)`` returns a plain ``nn.Module`` mapping
-(N, 3, H, W) images to (N, num_classes) logits.  Names:
+``build(name, num_classes, image_size, variant)`` returns a plain ``nn.Module``
+mapping (N, 3, H, W) images to (N, num_classes) logits.  Names:
 
 * ``resnet20 resnet32 resnet44 resnet56 resnet110`` - CIFAR ResNets (resnet_cifar.py)
 * ``resnet18 resnet34`` - torchvision ResNets; CIFAR-style stem below 160 px (resnet_imagenet.py)
 * ``wrn_<depth>_<width>`` - Wide ResNets, depth = 6n+4 (wrn.py)
 * ``mobilenet`` - CIFAR MobileNet v1 (mobilenet.py)
-* ``mobilenetv2`` / ``mobilenetv2_<width>`` - MobileNetV2; torchvision's at >= 160 px (mobilenetv2.py)
+* ``mobilenetv2`` / ``mobilenetv2_<width>`` - MobileNetV2; torchvision's from 64 px (mobilenetv2.py)
+
+``variant`` is one of ``VARIANTS``: ``"paper"`` builds the standard published
+architectures with He initialisation; ``"official"`` builds the architectures and
+initialisations of the model files released with the paper (hfutqian/SwitOKD on
+GitHub).  Each module's docstring says which released file it follows.
+``script_init`` is the weight re-draw some released training scripts add on top.
 """
 import re
 
 import torch.nn as nn
 
 from .mobilenet import MobileNet
-from .mobilenetv2 import MobileNetV2
+from .mobilenetv2 import mobilenetv2
 from .resnet_cifar import DEPTHS as CIFAR_RESNET_DEPTHS, resnet_cifar
-from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, resnet_imagenet
-from .wrn import wrn
+from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, LARGE_IMAGE, resnet_imagenet
+from .script_init import script_init
+from .wrn import wrn, wrn_official
 
-LARGE_IMAGE = 160  # image_size from which the ImageNet variants are built
+__all__ = ["VARIANTS", "NoOfficialArchitecture", "build", "count_parameters", "names", "script_init"]
+
+VARIANTS = ("paper", "official")
 
 _CANONICAL = (
     [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
@@ -28,6 +37,10 @@ _CANONICAL = (
     + ["mobilenet", "mobilenetv2", "mobilenetv2_0.5", "mobilenetv2_1.4"]
 )
 _PATTERNS = "wrn_<depth>_<width> (depth = 6n+4), mobilenetv2_<width>"
+
+
+class NoOfficialArchitecture(ValueError):
+    """``build(..., variant="official")`` for a network that no released file defines."""
 
 
 def names() -> list[str]:
@@ -39,28 +52,31 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
+def build(name: str, num_classes: int, image_size: int = 32, variant: str = "paper") -> nn.Module:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    official = variant == "official"
     if m := re.fullmatch(r"resnet(\d+)", name):
         depth = int(m[1])
         if depth in CIFAR_RESNET_DEPTHS:
-            return resnet_cifar(depth, num_classes)
+            return resnet_cifar(depth, num_classes, official)
         if depth in IMAGENET_RESNET_DEPTHS:
-            return resnet_imagenet(depth, num_classes, image_size)
+            if official and depth == 18 and image_size < LARGE_IMAGE:
+                raise NoOfficialArchitecture(
+                    f"{name!r} has no official architecture below {LARGE_IMAGE} px (image_size {image_size}): "
+                    "the release of hfutqian/SwitOKD has no small-input ResNet-18; use variant='paper'")
+            return resnet_imagenet(depth, num_classes, image_size, official)
     if m := re.fullmatch(r"wrn_(\d+)_(\d+)", name):
-        return wrn(int(m[1]), int(m[2]), num_classes)  # validates depth and width
+        return (wrn_official if official else wrn)(int(m[1]), int(m[2]), num_classes)  # validates depth, width
     if name == "mobilenet":
         return MobileNet(num_classes)
     if m := re.fullmatch(r"mobilenetv2(?:_(\d+(?:\.\d+)?|\.\d+))?", name):
         width = float(m[1] or 1.0)
         if width <= 0:
             raise ValueError(f"invalid MobileNetV2 width in {name!r}; the width multiplier must be > 0")
-        if image_size >= LARGE_IMAGE:
-            from torchvision.models import mobilenet_v2  # lazy: torchvision import is slow
-
-            return mobilenet_v2(weights=None, width_mult=width, num_classes=num_classes)
-        return MobileNetV2(width, num_classes)
+        return mobilenetv2(width, num_classes, image_size, official)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(_CANONICAL)}, {_PATTERNS}")

@@ -5,6 +5,11 @@ Vision Applications", arXiv:1704.04861, Table 1, adapted to 32-pixel inputs:
 the stem is a 3x3 stride-1 conv (3->32), followed by 13 depthwise-separable
 layers (3x3 depthwise conv-BN-ReLU, 1x1 pointwise conv-BN-ReLU), global
 average pooling and a linear classifier.  PyTorch default initialisation.
+
+This is also ``variant="official"``: the released ``mobilenet.py`` of
+hfutqian/SwitOKD (three-network scripts) has this architecture and no
+initialisation code.  Those scripts then re-draw its weights with
+``models.script_init``.
 """
 import torch.nn as nn
 

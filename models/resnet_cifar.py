@@ -5,7 +5,12 @@ Sec. 4.2: a 3x3 stem conv with 16 channels, then three stages of n basic blocks
 with 16/32/64 channels (depth = 6n + 2), global average pooling and a linear
 classifier.  Shortcuts are the parameter-free "option A": when the shape changes
 the input is subsampled with stride 2 and zero-padded along the channel axis.
-Convolutions use He (Kaiming normal, fan_out) initialisation.
+
+``variant="paper"``: convolutions use He (Kaiming normal, fan_out) initialisation.
+``variant="official"``: the released ``resnet20.py`` of hfutqian/SwitOKD (CIFAR-10 and
+Tiny-ImageNet scripts; it defines ResNet-20/32/44/56/110 and has this same
+architecture) initialises Conv AND Linear weights He normal with fan_in
+(``kaiming_normal_`` defaults); the Linear bias keeps PyTorch's default.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,7 +41,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int):
+    def __init__(self, depth: int, num_classes: int, official: bool = False):
         super().__init__()
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
@@ -49,12 +54,14 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if official and isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
 
 
-def resnet_cifar(depth: int, num_classes: int) -> CifarResNet:
-    return CifarResNet(depth, num_classes)
+def resnet_cifar(depth: int, num_classes: int, official: bool = False) -> CifarResNet:
+    return CifarResNet(depth, num_classes, official)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import models
 
@@ -61,6 +62,24 @@ def test_forward_cifar(name):
 def test_forward_tiny_imagenet(name):
     torch.manual_seed(0)
     _check_forward(models.build(name, 200, image_size=64), torch.randn(2, 3, 64, 64), 200)
+
+
+def test_tiny_imagenet_mobilenetv2_is_the_released_torchvision_layout():
+    torch.manual_seed(0)
+    model = models.build("mobilenetv2_1.4", 200, image_size=64).eval()
+    assert models.count_parameters(model) == 4_674_376
+    with torch.no_grad():
+        assert model.features(torch.randn(1, 3, 64, 64)).shape == (1, 1792, 2, 2)  # stage 2 strides
+    assert isinstance(model.classifier[0], nn.Dropout) and model.classifier[0].p == 0.2
+    assert any(isinstance(m, nn.ReLU6) for m in model.modules())
+    first = model.features[1].conv  # t = 1: depthwise conv-BN-ReLU6, then the linear 1x1 conv-BN
+    assert len(first) == 3 and first[0][0].groups == 48
+    assert model.classifier[1].weight.std().item() == pytest.approx(0.01, rel=0.01)
+
+
+@pytest.mark.parametrize("image_size,params", [(32, 812_836), (63, 812_836), (64, 815_780)])
+def test_mobilenetv2_layout_switches_at_64_px(image_size, params):
+    assert models.count_parameters(models.build("mobilenetv2_0.5", 100, image_size)) == params
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_0.5"])
