@@ -875,7 +875,7 @@ class Run:
         except ValueError as e:
             raise UsageError(str(e)) from None
         if script_init == "official":
-            models.released_script_init(module)
+            models.script_init(module)
         self.settings[role] = {"arch": name, "variant": self.args.arch_variant, "script_init": script_init}
         return module
 

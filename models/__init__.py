@@ -14,11 +14,13 @@ architectures with He initialisation; ``"official"`` builds the architectures an
 initialisations of the model files released with the paper (hfutqian/SwitOKD on
 GitHub).  Each module's docstring says which released file it follows.
 ``script_init`` is the weight re-draw some released training scripts add on top.
+``load(path)`` rebuilds a network saved by a training script (models/checkpoints.py).
 """
 import re
 
 import torch.nn as nn
 
+from .checkpoints import checkpoint_file, load, read_checkpoint
 from .mobilenet import MobileNet
 from .mobilenetv2 import mobilenetv2
 from .resnet_cifar import DEPTHS as CIFAR_RESNET_DEPTHS, resnet_cifar
@@ -26,7 +28,8 @@ from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, LARGE_IMAGE, resn
 from .script_init import script_init
 from .wrn import wrn, wrn_official
 
-__all__ = ["VARIANTS", "NoOfficialArchitecture", "build", "count_parameters", "names", "script_init"]
+__all__ = ["VARIANTS", "NoOfficialArchitecture", "build", "checkpoint_file", "count_parameters", "load", "names",
+           "read_checkpoint", "script_init"]
 
 VARIANTS = ("paper", "official")
 
