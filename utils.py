@@ -56,6 +56,7 @@ import models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 DOWNLOAD_ON_FIRST_USE = ("cifar10", "cifar100")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 # =========================================================================== errors
@@ -68,6 +69,12 @@ class TrainingDiverged(Exception):
     """A non-finite loss; reported as one line, exit status 3. The last good last.pt is kept."""
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line (the last line of one re-raised from a DataLoader worker)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].split(f"{type(error).__name__}: ", 1)[-1] if lines else type(error).__name__
+
+
 def main_guard(main):
     """Run ``main``: bad input ends with one line on stderr and exit 2, a diverged run with exit 3."""
     prog = Path(sys.argv[0]).name
@@ -75,10 +82,10 @@ def main_guard(main):
     try:
         return main()
     except (UsageError, datasets.DatasetNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; the last completed epoch is kept, continue with --resume", file=sys.stderr)
@@ -205,7 +212,8 @@ def add_common_flags(p: ArgumentParser) -> None:
     g.add_argument("--loader", default="auto", choices=("auto", "torch", "tensor"),
                    help="torch: DataLoader with torchvision transforms; tensor: the whole set on the "
                         "device, augmented in batches; auto: tensor for in-memory sets")
-    g.add_argument("--workers", type=number(int, 0), default=4, help="DataLoader worker processes")
+    g.add_argument("--workers", type=number(int, 0), default=DEFAULT_WORKERS,
+                   help="DataLoader worker processes (--loader torch)")
     g.add_argument("--train-subset", type=POSITIVE_INT, metavar="N",
                    help="train on a fixed class-balanced subset of N images (default: all)")
     g.add_argument("--test-subset", type=POSITIVE_INT, metavar="N",
@@ -745,6 +753,11 @@ class Console:
                       f"epoch ETA {duration(elapsed * (total - i) / i)}  {status()}", file=sys.stderr, flush=True)
 
 
+def is_loss(name: str) -> bool:
+    """Whether a logged value is a loss (shown on the console; everything goes to TensorBoard)."""
+    return name.endswith(("ce", "kl", "loss"))
+
+
 def short(values: dict, keys=None, digits=3) -> str:
     keys = keys or list(values)
     return " ".join(f"{k} {values[k]:.{digits}g}" for k in keys if k in values)
@@ -997,7 +1010,7 @@ class Run:
 
     def _progress_status(self) -> str:
         self.iterations.flush()
-        return short(self.iterations.last)
+        return short({k: v for k, v in self.iterations.last.items() if is_loss(k)})
 
     def log(self, values: dict) -> None:
         """One iteration's values (floats or device tensors): TensorBoard, epoch means, progress."""
@@ -1054,6 +1067,7 @@ class Run:
         for name, values in metrics.items():
             row.update({f"test/{name}/{k}": v for k, v in values.items()})
         row["time/train_s"] = float(seconds.sum())
+        row["time/iterations"] = len(seconds)
         row["time/epoch_s"] = time.perf_counter() - self._epoch_start
         row["time/elapsed_s"] = self.elapsed()
         self.history.append(row)
@@ -1082,7 +1096,7 @@ class Run:
         return row
 
     def _epoch_line(self, row, metrics):
-        losses = {k[len("train/"):]: v for k, v in row.items() if k.startswith("train/") and k != "train/seconds"}
+        losses = {k[len("train/"):]: v for k, v in row.items() if k.startswith("train/") and is_loss(k)}
         rates = sorted({f"{row[f'lr/{r}']:.3g}" for r in self.networks})
         accuracy = "  ".join(f"{name} {m['top1']:.2f}%" for name, m in metrics.items())
         extra = "  ".join(f"{k.split('/')[-1]} {v:.1%}" for k, v in row.items() if k.endswith("_fraction"))

@@ -12,11 +12,11 @@ from __future__ import annotations
 from .core import DataBundle, DatasetNotFoundError, split_holdout, take_subset
 from .loaders import Loaders, make_loaders
 from .small import build_digits, build_synthetic
-from .vision import build_cifar, build_imagenet, build_tinyimagenet
+from .vision import build_cifar, build_imagenet, build_tinyimagenet, image_folder
 
 NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "digits", "synthetic")
 
-__all__ = ["NAMES", "DataBundle", "DatasetNotFoundError", "Loaders", "build", "make_loaders"]
+__all__ = ["NAMES", "DataBundle", "DatasetNotFoundError", "Loaders", "build", "image_folder", "make_loaders"]
 
 
 def _build_full(name: str, root: str, download: bool, synthetic: dict | None) -> DataBundle:

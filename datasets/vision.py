@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms import v2
 
 from . import transforms
 from .core import DataBundle, not_found
@@ -116,3 +117,31 @@ def build_imagenet(root: str) -> DataBundle:
         name="imagenet", num_classes=len(train.classes), image_size=224, mean=mean, std=std,
         train=train, test=test, train_arrays=None, test_arrays=None, crop_padding=0, flip=True,
     )
+
+
+def image_folder(path, bundle: DataBundle) -> ImageFolder:
+    """Images in ``path/<class>/`` served like ``bundle``'s test split: at its image size, with its statistics.
+
+    Class folders named like the dataset's classes take those classes' indices; otherwise
+    there must be one folder per class, taken in sorted order.
+    """
+    resize = [] if bundle.image_size >= 160 else [v2.Resize(bundle.image_size), v2.CenterCrop(bundle.image_size)]
+    transform = transforms.imagenet_eval(bundle.mean, bundle.std) if not resize else v2.Compose(
+        [v2.ToImage(), *resize, *transforms.plain(bundle.mean, bundle.std).transforms[1:]])
+    try:
+        folder = ImageFolder(path, transform=transform)
+    except (OSError, FileNotFoundError) as err:
+        raise not_found("image folder", path, "<class>/<image> sub-folders", str(err)) from err
+    known = getattr(_root_dataset(bundle.test), "classes", None)
+    if known and set(folder.classes) <= set(known):
+        index = {name: known.index(name) for name in folder.classes}
+        folder.samples = [(p, index[folder.classes[c]]) for p, c in folder.samples]
+        folder.targets = [c for _, c in folder.samples]
+    elif len(folder.classes) != bundle.num_classes:
+        raise ValueError(f"{path} has {len(folder.classes)} class folders; {bundle.name} has {bundle.num_classes} "
+                         "classes (name the folders after its classes, or give one per class)")
+    return folder
+
+
+def _root_dataset(dataset):
+    return _root_dataset(dataset.dataset) if hasattr(dataset, "dataset") else dataset

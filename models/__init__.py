@@ -12,7 +12,11 @@ mapping (N, 3, H, W) images to (N, num_classes) logits.  Names:
 ``variant`` is one of ``VARIANTS``: ``"paper"`` builds the standard published
 architectures with He initialisation; ``"official"`` builds the architectures and
 initialisations of the model files released with the paper (hfutqian/SwitOKD on
-GitHub).  Each module's docstring says which released file it follows.
+GitHub); ``"okddip"`` the single networks of the OKDDip release (DefangChen/OKDDip:
+``resnet32 resnet110 wrn_20_8 vgg16 densenet40_12``, ImageNet ``resnet18 resnet34``;
+models/okddip_backbones.py).  Each module's docstring says which released file it follows.
+The multi-branch and multi-network models of OKDDip, ONE and CL-ILR are built by
+``build_okddip`` (models/okddip.py) and listed by ``okddip_names``.
 ``script_init`` is the weight re-draw some released training scripts add on top.
 ``load(path)`` rebuilds a network saved by a training script (models/checkpoints.py).
 """
@@ -22,16 +26,17 @@ import torch.nn as nn
 
 from .checkpoints import checkpoint_file, load, read_checkpoint
 from .mobilenet import MobileNet
+from .okddip import BACKBONES as OKDDIP_BACKBONES, BranchOutput, build_okddip, build_okddip_backbone, okddip_names
 from .mobilenetv2 import mobilenetv2
 from .resnet_cifar import DEPTHS as CIFAR_RESNET_DEPTHS, resnet_cifar
 from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, LARGE_IMAGE, resnet_imagenet
 from .script_init import script_init
 from .wrn import wrn, wrn_official
 
-__all__ = ["VARIANTS", "NoOfficialArchitecture", "build", "checkpoint_file", "count_parameters", "load", "names",
-           "read_checkpoint", "script_init"]
+__all__ = ["VARIANTS", "BranchOutput", "NoOfficialArchitecture", "build", "build_okddip", "checkpoint_file",
+           "count_parameters", "load", "names", "okddip_names", "read_checkpoint", "script_init"]
 
-VARIANTS = ("paper", "official")
+VARIANTS = ("paper", "official", "okddip")
 
 _CANONICAL = (
     [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
@@ -43,7 +48,7 @@ _PATTERNS = "wrn_<depth>_<width> (depth = 6n+4), mobilenetv2_<width>"
 
 
 class NoOfficialArchitecture(ValueError):
-    """``build(..., variant="official")`` for a network that no released file defines."""
+    """``build(..., variant="official"|"okddip")`` for a network that no released file defines."""
 
 
 def names() -> list[str]:
@@ -62,6 +67,11 @@ def build(name: str, num_classes: int, image_size: int = 32, variant: str = "pap
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if variant == "okddip":
+        if name not in OKDDIP_BACKBONES:
+            raise NoOfficialArchitecture(f"{name!r} has no OKDDip architecture; the OKDDip release has "
+                                         f"{', '.join(OKDDIP_BACKBONES)}")
+        return build_okddip_backbone(name, num_classes)
     official = variant == "official"
     if m := re.fullmatch(r"resnet(\d+)", name):
         depth = int(m[1])

@@ -9,12 +9,13 @@ a  bare model compute, the yardstick: forward of both networks, the cross-entrop
    on the device. Beside it, its parts (each network's forward+backward, the teacher's
    forward with autograd on, as in expert mode, and under no_grad) and "compute + steps"
    (the same plus both optimisers' steps).
-b  SwitOKD iterations: the loop body of ``train_switokd.main`` (forwards, the switching
-   decision, Eqns. 5/6/8, backward, optimiser steps, the logged values) on the fixed
-   batch, with the mode forced after the decision is taken: learning mode (both networks
-   learn) and expert mode (the teacher is paused: no backward through it, no step).
-c  DML (``train_dml.simultaneous_update``) and KDCL (``train_kdcl``'s MinLogit loss, two
-   augmented views per batch, so twice the images through the networks per iteration).
+b  SwitOKD iterations: ``train_switokd.train_step`` (forwards, the switching decision,
+   Eqns. 5/6/8, the one copy to the host, backward, optimiser steps) and ``Run.log`` on the
+   fixed batch, with the mode forced by the script's own flags: learning mode
+   (``--no-switching``: both networks learn) and expert mode (``--switch-rule algorithm1
+   --fixed-delta 0``: the teacher is paused, no backward through it, no step).
+c  ``train_dml.train_step`` (simultaneous update) and ``train_kdcl.train_step`` (MinLogit,
+   two augmented views per batch, so twice the images through the networks per iteration).
 d  epoch slices: ``--iters`` consecutive batches drawn from ``Run.train_batches()`` with
    each loader (``torch``: DataLoader workers running the torchvision transforms on PIL
    images, as torchvision's CIFAR dataset serves them; ``tensor``: the whole split on the
@@ -27,7 +28,8 @@ Each measurement: ``--warmup`` untimed iterations, then ``--repeats`` timed roun
 the rows take turns (all but the DataLoader slices, which run alone), so that a change of
 load on a shared machine hits every row alike. The table shows the median images/s, the
 min-max range over rounds and the time ratio to the bare compute of the same precision
-mode (the median of the per-round ratios); the issue's targets are checked at the end.
+mode (the median of the per-round ratios); three ratios are checked at the end against
+the bounds a training step should meet (``TARGETS``).
 
 ``--amp-modes`` lists the precision modes: fp32, bf16 or fp16 (autocast; fp16 adds the
 GradScaler), each optionally suffixed with ``+cl`` (channels_last) and/or ``+compile``
@@ -62,11 +64,10 @@ import train_dml  # noqa: E402
 import train_kdcl  # noqa: E402
 import train_switokd  # noqa: E402
 import utils  # noqa: E402
-from train_switokd import student_loss, switch_decision, teacher_loss  # noqa: E402
 
 SECTIONS = ("a", "b", "c", "d")
 PRECISIONS = ("fp32", "bf16", "fp16")
-TARGETS = (  # (what, row, reference row, at most): the issue's targets, fp32
+TARGETS = (  # (what, row, reference row, at most), fp32: what a step should cost beside the bare compute
     ("SwitOKD learning iteration / bare compute", "switokd learning", "bare compute", 1.10),
     ("SwitOKD expert iteration / learning iteration", "switokd expert", "switokd learning", 0.60),
     ("tensor-loader epoch slice / bare compute", "slice tensor: bare compute", "bare compute", 1.05),
@@ -86,17 +87,16 @@ def parse_mode(text: str) -> dict:
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__.splitlines()[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(__doc__.splitlines()[0])
     p.add_argument("--teacher", default="wrn_16_2")
     p.add_argument("--student", default="mobilenetv2_0.5")
-    p.add_argument("--batch-size", type=utils.positive(int), default=128)
-    p.add_argument("--classes", type=utils.positive(int), default=100, help="classes of the synthetic set")
-    p.add_argument("--iters", type=utils.positive(int), help="iterations per timed repeat (default 5; --quick 2)")
-    p.add_argument("--repeats", type=utils.positive(int), help="timed repeats (default 5; --quick 2)")
+    p.add_argument("--batch-size", type=utils.POSITIVE_INT, default=128)
+    p.add_argument("--classes", type=utils.POSITIVE_INT, default=100, help="classes of the synthetic set")
+    p.add_argument("--iters", type=utils.POSITIVE_INT, help="iterations per timed repeat (default 5; --quick 2)")
+    p.add_argument("--repeats", type=utils.POSITIVE_INT, help="timed repeats (default 5; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 2; --quick 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=utils.positive(int), help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=utils.POSITIVE_INT, help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the torch loader")
     p.add_argument("--amp-modes", nargs="+", type=parse_mode, metavar="MODE",
                    help="precision modes (default: fp32 bf16 fp32+cl bf16+cl; --quick: fp32 bf16+cl)")
@@ -138,7 +138,7 @@ def cifar_like(options):
     return bundle
 
 
-def make_run(script, argv, bench, mode, loader, images, out):
+def make_run(script, argv, bench, mode, loader, images, out, data_options=None):
     """A real ``utils.Run`` of ``script`` (its own ``parse_args``) on the synthetic set; returns (run, args)."""
     argv = [*argv, "--dataset", "synthetic", "--device", bench.device, "--batch-size", str(bench.batch_size),
             "--loader", loader, "--workers", str(bench.workers), "--epochs", "1", "--no-progress",
@@ -150,15 +150,16 @@ def make_run(script, argv, bench, mode, loader, images, out):
     options = {"num_classes": bench.classes, "image_size": 32, "train_size": images, "test_size": bench.classes}
 
     class SyntheticRun(utils.Run):
-        def _build_data(self, args):  # the engine's data step, on the benchmark's set
+        def _build_data(self, args, holdout):  # the engine's data step, on the benchmark's set
             return cifar_like(options)
-    return SyntheticRun(args, script.__name__.removeprefix("train_"), networks_of(script, args)), args
+    return SyntheticRun(args, script.__name__.removeprefix("train_"), networks_of(script, args),
+                        data_options=data_options), args
 
 
 def networks_of(script, args):
     if script is train_switokd:
         return {"student": args.student, "teacher": args.teacher}
-    return train_dml.cohort(args)
+    return utils.cohort(args.models, args.roles)
 
 
 # --------------------------------------------------------------------------- the iterations
@@ -168,11 +169,11 @@ def bare_compute(run, roles):
     nets = [run.nets[role] for role in roles]
 
     def step(images, targets):
-        with run.autocast():
+        with run.precision.autocast():
             logits = [net(images).float() for net in nets]
         for net in nets:
             net.zero_grad(set_to_none=True)
-        run.backward(sum(F.cross_entropy(z, targets) for z in logits))
+        run.precision.backward(sum(F.cross_entropy(z, targets) for z in logits))
     return step
 
 
@@ -182,7 +183,7 @@ def compute_and_steps(run):
 
     def step(images, targets):
         compute(images, targets)
-        run.step(*optimizers)
+        run.precision.step(*optimizers)
     return step
 
 
@@ -191,72 +192,41 @@ def forward_only(run, role, grad):
     net = run.nets[role]
 
     def step(images, targets):
-        with torch.set_grad_enabled(grad), run.autocast():
+        with torch.set_grad_enabled(grad), run.precision.autocast():
             net(images).float()
     return step
 
 
-def switokd_iteration(run, args, force_expert=None):
-    """The loop body of ``train_switokd.main`` (same functions, same order), ``force_expert`` overriding the mode.
+def switokd_iteration(run, args, mode=None):
+    """``train_switokd.train_step`` and ``Run.log``: the loop body of train_switokd.py.
 
-    ``None`` keeps the switching decision (natural switching).
+    ``mode`` forces it through the script's own flags: ``"learning"`` (``--no-switching``),
+    ``"expert"`` (``--switch-rule algorithm1 --fixed-delta 0``: G > 0 always); None keeps the
+    natural switching.
     """
+    forced = {"learning": dict(no_switching=True), "expert": dict(switch_rule="algorithm1", fixed_delta=0.0),
+              None: {}}[mode]
+    cfg = argparse.Namespace(**{**vars(args), **forced})
     student, teacher = run.nets["student"], run.nets["teacher"]
     opt_s, opt_t = run.optimizers["student"], run.optimizers["teacher"]
 
     def step(images, targets):
-        with run.autocast():
-            z_s, z_t = student(images).float(), teacher(images).float()
-        gap, delta, d_s, d_t, expert = switch_decision(run, args, z_s, z_t, targets)
-        expert = expert if force_expert is None else force_expert
-        loss_s, ce_s, kl_s = student_loss(z_s, z_t, targets, args.alpha, args.tau)
-        loss_t, ce_t, kl_t = teacher_loss(z_t, z_s, targets, args.beta, args.tau,
-                                          reciprocal=args.teacher_loss == "reciprocal")
-        opt_s.zero_grad(set_to_none=True)
-        if expert:
-            run.backward(loss_s)
-            run.step(opt_s)
-        else:
-            opt_t.zero_grad(set_to_none=True)
-            run.backward(loss_s + loss_t)
-            run.step(opt_s, opt_t)
-        run.log_iteration({"G": gap, "delta": delta, "ps_y": d_s, "pt_y": d_t, "expert": float(expert),
-                           "student_ce": ce_s.item(), "student_kl": kl_s.item(),
-                           "teacher_ce": ce_t.item(), "teacher_kl": kl_t.item()})
+        run.log(train_switokd.train_step(student, teacher, opt_s, opt_t, images, targets, cfg, run.precision))
     return step
 
 
 def dml_iteration(run, args):
-    """The loop body of ``train_dml.main`` (simultaneous update)."""
-    roles = list(run.nets)
-    nets = [run.nets[role] for role in roles]
-
+    """``train_dml.train_step`` (simultaneous update) and ``Run.log``: the loop body of train_dml.py."""
     def step(images, targets):
-        with run.autocast():
-            logits = [net(images).float() for net in nets]
-        losses = train_dml.simultaneous_update(run, roles, logits, targets, args.tau)
-        run.log_iteration({f"{role}_{name}": value for role, (_, ce, kl) in zip(roles, losses)
-                           for name, value in (("ce", ce), ("kl", kl))})
+        run.log(train_dml.train_step(run.nets, run.optimizers, images, targets, args.tau, run.precision))
     return step
 
 
 def kdcl_iteration(run, args, views):
-    """The loop body of ``train_kdcl.main`` (MinLogit ensemble, one augmented view per network)."""
-    roles = list(run.nets)
-    nets = [run.nets[role] for role in roles]
-    optimizers = [run.optimizers[role] for role in roles]
-
+    """``train_kdcl.train_step`` (one augmented view per network) and ``Run.log``: train_kdcl.py's loop body."""
     def step(images, targets):
-        inputs = images.chunk(views)
-        with run.autocast():
-            logits = [net(inputs[k % views]).float() for k, net in enumerate(nets)]
-        z_m, _ = train_kdcl.ensemble_target(args.ensemble, logits, targets)
-        losses = [train_kdcl.kdcl_loss(z, z_m, targets, args.lam, args.tau) for z in logits]
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        run.backward(sum(total for total, _, _ in losses))
-        run.step(*optimizers)
-        run.log_iteration({f"{role}_ce": ce for role, (_, ce, _) in zip(roles, losses)})
+        run.log(train_kdcl.train_step(run.nets, run.optimizers, images, targets, views, args.ensemble, None,
+                                      args.tau, args.lam, run.precision))
     return step
 
 
@@ -278,7 +248,8 @@ class Job:
         start = time.perf_counter()
         for _ in range(iterations):
             self.step(*next(self.batches))
-        self.run.synchronize()
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
         return time.perf_counter() - start
 
 
@@ -343,8 +314,8 @@ def mode_jobs(bench, mode, new_run):
             add("a", "teacher fwd (no_grad)", run, forward_only(run, "teacher", False))
             add("a", "compute + steps", run, compute_and_steps(run))
         if "b" in bench.only:
-            add("b", "switokd learning", run, switokd_iteration(run, args, False))
-            add("b", "switokd expert", run, switokd_iteration(run, args, True))
+            add("b", "switokd learning", run, switokd_iteration(run, args, "learning"))
+            add("b", "switokd expert", run, switokd_iteration(run, args, "expert"))
         if "d" in bench.only:
             for loader in ("tensor", "torch"):
                 for what, step in (("bare compute", lambda r: bare_compute(r, ["student", "teacher"])),
@@ -355,8 +326,7 @@ def mode_jobs(bench, mode, new_run):
     if "c" in bench.only:
         run, args = new_run(train_dml, cohort)
         add("c", "dml", run, dml_iteration(run, args))
-        run, args = new_run(train_kdcl, cohort)
-        run.train_loader, _ = train_kdcl.collaborative_loaders(run, 2, None)
+        run, args = new_run(train_kdcl, cohort, data_options={"views": 2})
         add("c", "kdcl (2 views)", run, kdcl_iteration(run, args, 2))
     return jobs
 
@@ -366,8 +336,8 @@ def run_mode(bench, mode, out):
     train_size = bench.batch_size * (bench.warmup + bench.repeats * bench.iters)
     opened = []
 
-    def new_run(script, argv, loader="tensor"):
-        run, args = make_run(script, argv, bench, mode, loader, train_size, out)
+    def new_run(script, argv, loader="tensor", data_options=None):
+        run, args = make_run(script, argv, bench, mode, loader, train_size, out, data_options)
         opened.append(run)
         return run, args
 
@@ -377,6 +347,7 @@ def run_mode(bench, mode, out):
     finally:
         for run in opened:
             run.writer.close()
+            run.dir.release()
     rows = [row(job, mode["name"], bench) for job in jobs]
     bare = next((r for r in rows if r["name"] == "bare compute"), None)
     for r in rows if bare else ():
@@ -407,7 +378,7 @@ def machine(bench):
 
 
 def check_targets(results):
-    """The issue's targets (fp32 rows): measured ratio, bound, met."""
+    """The TARGETS (fp32 rows): measured ratio, bound, met."""
     by = {(r["name"], r["mode"]): r for r in results}
     checks = []
     for what, name, reference, bound in TARGETS:

@@ -32,6 +32,7 @@ their logs), 2 for bad input, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import runpy
 import shlex
@@ -193,6 +194,15 @@ def make_slots(gpus: list[str], per_run: int) -> list[list[str] | None]:
     return [gpus[i:i + per_run] for i in range(0, len(gpus) - per_run + 1, per_run)]
 
 
+def die_with_parent() -> None:
+    """In the child, before exec: the kernel sends it SIGTERM if this launcher dies, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG; torchrun passes SIGTERM on to its workers)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the run directory's lock still prevents a second run beside an orphan
+        pass
+
+
 def launcher(slot: list[str] | None) -> list[str]:
     """The interpreter (and torchrun for a slot of several GPUs)."""
     if slot and len(slot) > 1:
@@ -242,7 +252,8 @@ def run_phase(jobs, opts, slots, failures) -> None:
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
                 handle = open(log, "a")
-                process = subprocess.Popen(launcher(slot) + cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                process = subprocess.Popen(launcher(slot) + cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=die_with_parent)
                 running[index] = (process, job, handle)
             for index, (process, job, handle) in list(running.items()):
                 if process.poll() is not None:

@@ -19,54 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from plotting import iteration_positions, moving_average, read_metrics, read_trace, save_figure
+
 CYAN, MAGENTA = "#00bcd4", "#e91e63"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"plot_fig4.py: error: no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def save_figure(fig, output: Path) -> Path:
-    """Write ``fig`` as a PNG (creating the folder) and close it."""
-    import matplotlib.pyplot as plt
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return output
 
 
 def series(rows, key):
     """(epochs, values) of ``key`` where the rows have it."""
     points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
     return (np.array([p[0] for p in points]), np.array([p[1] for p in points])) if points else (None, None)
-
-
-def read_trace(run_dir: Path) -> dict:
-    path = run_dir / "switching.npz"
-    if not path.is_file():
-        raise SystemExit(f"plot_fig4.py: error: no switching.npz in {run_dir} (is it a train_switokd.py run?)")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def iteration_positions(epoch_of_iteration: np.ndarray) -> np.ndarray:
-    """x in epochs for every iteration: iteration i of n in epoch e sits at e - 1 + (i + 1) / n."""
-    x = np.empty(len(epoch_of_iteration), dtype=float)
-    for epoch in np.unique(epoch_of_iteration):
-        where = np.flatnonzero(epoch_of_iteration == epoch)
-        x[where] = epoch - 1 + np.arange(1, len(where) + 1) / len(where)
-    return x
-
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    if window <= 1:
-        return values
-    kernel = np.ones(window) / window
-    padded = np.concatenate([np.full(window - 1, values[0]), values])
-    return np.convolve(padded, kernel, mode="valid")
 
 
 def label_of(run_dir: Path) -> str:
@@ -130,6 +91,8 @@ def plot(run_dir: Path, compare: Path | None, output: Path) -> Path:
                       f"({100 * fraction:.1f}% of {len(positions)} iterations in expert mode)")
 
     ax_loss.set_yscale("log")
+    for ax in (ax_acc, ax_loss, ax_kl, ax_l1):  # every panel on the same epoch axis, from 0
+        ax.set_xlim(0, max(r["epoch"] for r in rows))
     titles = {ax_acc: ("(a) test accuracy", "top-1 (%)"), ax_loss: ("(b) test loss", "cross-entropy (log scale)"),
               ax_kl: ("(c) student training losses (epoch means)", "loss"),
               ax_l1: ("(d) L1 norms of the gradients (per iteration, moving average)", "L1 norm")}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plot_fig4 import save_figure
+from plotting import save_figure
 from summarize import mean_std, read_runs
 
 METHODS = {"kd": ("KD", "tab:gray"), "dml": ("DML", "tab:blue"), "kdcl": ("KDCL", "tab:orange"),
@@ -52,7 +52,7 @@ def plot(root: Path, experiments: list[str], output: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, _ = read_runs(root)
+    runs, _, _ = read_runs(root)
     panels = [(e, [r for r in runs if r.experiment == e]) for e in experiments]
     panels = [(e, rs) for e, rs in panels if any(r.facets.get("method") in METHODS for r in rs)]
     if not panels:

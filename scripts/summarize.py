@@ -1,21 +1,28 @@
-"""The paper's tables from finished runs, beside the published numbers.
+"""The paper's tables from finished runs, beside the published numbers; and every run as a table.
 
-    python scripts/summarize.py runs            # Markdown
-    python scripts/summarize.py runs --csv      # one CSV row per cell and per group
+    python scripts/summarize.py runs                  # the paper's tables (Markdown)
+    python scripts/summarize.py runs --csv            # the same, one CSV row per cell
+    python scripts/summarize.py runs --runs           # one row per run and network
+    python scripts/summarize.py runs --runs --csv > runs.csv   # ... with every flag: pandas.read_csv
 
 Reads every ``results.json`` below RUN_ROOT. A run directory is
 ``<RUN_ROOT>/.../<experiment>/<method>/<run-name>/`` (what the scripts/*.sh write):
 the experiment (``table2`` ... ``table7``, ``fig1``, ``fig4``, ``fig5``, ``fig7``) is the
-folder above the method's. Runs are grouped by experiment, method, run name without its
-``-seed<k>`` suffix, dataset, networks and method settings; a group's seeds are averaged.
+folder above the method's; a run directly at ``<RUN_ROOT>/<method>/<run-name>/`` (a
+hand-made run) belongs to no experiment. Runs are grouped by experiment, method, run name
+without its ``-seed<k>`` suffix, dataset, networks and method settings; a group's seeds
+are averaged.
 
-Each table of scripts/published.json is printed in the paper's layout; a cell holds the
-runs of its experiment whose results.json matches the cell (see the file's ``_about``):
-best and final top-1 (%), each as mean ± sample standard deviation (ddof = 1; "–" for
-a single run) over seeds, the number of runs, and the published value with our best
-mean minus it (the paper reports the best test accuracy over training). Groups that
-no cell claims are listed after their experiment's table. Runs without results.json
-(or whose last.pt is newer) are listed as in progress and not averaged.
+Each table of scripts/published.json is printed in the paper's layout, with the rows
+that have runs (``--all``: every row); a cell holds the runs of its experiment whose
+results.json matches the cell (see the file's ``_about``): best and final top-1 (%), each
+as mean ± sample standard deviation (ddof = 1; "–" for a single run) over seeds, the
+number of runs, and the published value with our best mean minus it (the paper reports
+the best test accuracy over training). Groups that no cell claims are listed after their
+experiment's table, one row per network. A run is finished when its results.json says so
+(``status``); runs with only last.pt are listed as in progress; a results.json that cannot
+be read is skipped with a warning; a run whose accuracy is not finite (a diverged run) is
+excluded from every mean and listed.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ LEGEND = ("cell: best ± std / final ± std (n = runs) · paper value (our best 
 # --------------------------------------------------------------------------- reading runs
 
 @dataclass
-class Run:
+class RunRecord:
     """One finished run: its results.json and where it lies."""
 
     path: Path
@@ -70,8 +77,8 @@ def flatten(obj, prefix=""):
 
 
 def facets(results: dict) -> dict:
-    """What a cell can match: every field of results.json (not args, not networks) and ``archs``."""
-    out = flatten({k: v for k, v in results.items() if k not in ("args", "networks")})
+    """What a cell can match: every field of results.json (not args, networks, provenance) and ``archs``."""
+    out = flatten({k: v for k, v in results.items() if k not in ("args", "networks", "provenance", "invocations")})
     archs = [info["arch"] for info in results.get("networks", {}).values()]
     if results.get("method") == "kd" and isinstance(results.get("teacher"), dict):
         archs.append(results["teacher"].get("arch"))  # KD's fixed, pretrained teacher
@@ -79,19 +86,15 @@ def facets(results: dict) -> dict:
     return out
 
 
-def signature(run: Run) -> str:
+def signature(run: RunRecord) -> str:
     """Everything that must agree for runs to be averaged together (all but the seed)."""
     settings = {k: v for k, v in run.facets.items()
-                if k not in ("seed", "wall_time_s", "epochs", "iterations", "teacher.checkpoint")
+                if k not in ("seed", "wall_time_s", "epochs", "iterations", "teacher.file", "status")
                 and not k.startswith(("expert_fraction", "paused_fraction", "seconds_per_iteration",
-                                      "kdcl.general_weights"))}
+                                      "kdcl.general_weights", "teacher.test_", "provenance", "invocations",
+                                      "settings.device"))}
     networks = {role: info.get("arch") for role, info in run.results.get("networks", {}).items()}
     return json.dumps([networks, settings], sort_keys=True, default=str)
-
-
-def is_finished(run_dir: Path) -> bool:
-    results, last = run_dir / "results.json", run_dir / "last.pt"
-    return results.is_file() and not (last.is_file() and last.stat().st_mtime > results.stat().st_mtime)
 
 
 def progress(run_dir: Path) -> str:
@@ -103,32 +106,74 @@ def progress(run_dir: Path) -> str:
         if rows:
             try:
                 done = json.loads(rows[-1]).get("epoch", len(rows))
-            except ValueError:
+            except (ValueError, AttributeError):
                 done = len(rows)
     planned = None
     try:
         planned = json.loads((run_dir / "args.json").read_text()).get("epochs")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
     return f"epoch {done} of {planned}" if planned else f"epoch {done} (of the recipe's epochs)"
 
 
+def valid_results(results) -> str | None:
+    """Why a parsed results.json cannot be summarised, or None when it can."""
+    if not isinstance(results, dict):
+        return f"a {type(results).__name__}, not an object"
+    networks = results.get("networks")
+    if not isinstance(networks, dict) or not networks:
+        return "no networks"
+    for role, info in networks.items():
+        if not isinstance(info, dict) or not isinstance(info.get("arch"), str):
+            return f"network {role!r} has no arch"
+        for key in ("best_top1", "final_top1"):
+            if info.get(key) is not None and not isinstance(info[key], (int, float)):
+                return f"network {role!r} has a non-numeric {key}"
+    return None
+
+
+def is_finished(results: dict) -> bool:
+    """Finished when results.json says so (older files: when every planned epoch ran)."""
+    if "status" in results:
+        return results["status"] == "finished"
+    return isinstance(results.get("epochs"), int) and results.get("epochs") == results.get("epochs_planned")
+
+
+def diverged(results: dict) -> bool:
+    return any(isinstance(v, float) and not math.isfinite(v) for info in results["networks"].values()
+               for v in (info.get("best_top1"), info.get("final_top1")))
+
+
+def experiment_of(root: Path, run_dir: Path) -> str:
+    """The folder above the method's, if it lies below ``root``; '' for ``root/<method>/<run>``."""
+    parts = run_dir.relative_to(root).parts
+    return parts[-3] if len(parts) >= 3 else ""
+
+
 def read_runs(root: Path):
-    """(finished runs, in-progress run directories) below ``root``."""
-    finished, unfinished = [], []
+    """(finished runs, in-progress run directories, excluded (run directory, reason)) below ``root``."""
+    finished, unfinished, excluded = [], [], []
     run_dirs = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
     for run_dir in sorted(run_dirs):
-        if not is_finished(run_dir):
+        if not (run_dir / "results.json").is_file():
             unfinished.append(run_dir)
             continue
         try:
             results = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError) as e:
-            print(f"summarize.py: warning: skipping unreadable {run_dir / 'results.json'} ({e})", file=sys.stderr)
+            results, problem = None, f"unreadable ({type(e).__name__})"
+        else:
+            problem = valid_results(results)
+        if problem:
+            print(f"summarize.py: warning: skipping {run_dir / 'results.json'}: {problem}", file=sys.stderr)
             continue
-        experiment = run_dir.parent.parent.name if run_dir.parent.parent != run_dir.parent else ""
-        finished.append(Run(run_dir, experiment, results, facets(results)))
-    return finished, unfinished
+        if not is_finished(results):
+            unfinished.append(run_dir)
+        elif diverged(results):
+            excluded.append((run_dir, "non-finite accuracy (diverged)"))
+        else:
+            finished.append(RunRecord(run_dir, experiment_of(root, run_dir), results, facets(results)))
+    return finished, unfinished, excluded
 
 
 # --------------------------------------------------------------------------- statistics
@@ -152,7 +197,7 @@ def fmt(mean, std, digits=2):
 
 # --------------------------------------------------------------------------- tables
 
-def matches(run: Run, match: dict, network: str | None) -> bool:
+def matches(run: RunRecord, match: dict, network: str | None) -> bool:
     for key, want in match.items():
         have = run.facets.get(key)
         if key == "archs":
@@ -246,34 +291,40 @@ def group_runs(runs):
     return dict(sorted(groups.items(), key=lambda kv: kv[0][:3]))
 
 
-def group_row(runs):
-    """dataset, networks with best/final mean ± std, n and seeds of one group."""
-    first = runs[0]
-    parts = []
-    for role, info in first.results.get("networks", {}).items():
+def network_rows(runs):
+    """One row per network of a group: role, arch, best and final mean ± std, n, seeds, epochs."""
+    rows = []
+    for role, info in runs[0].results["networks"].items():
         best = mean_std([r.results["networks"].get(role, {}).get("best_top1") for r in runs])
         final = mean_std([r.results["networks"].get(role, {}).get("final_top1") for r in runs])
-        parts.append(f"{role} {info.get('arch')}: {fmt(*best[:2])} / {fmt(*final[:2])}")
+        rows.append((role, info.get("arch"), best, final))
     seeds = sorted(r.results.get("seed") for r in runs)
     epochs = sorted({r.results.get("epochs") for r in runs})
-    return first.results.get("dataset", "?"), "; ".join(parts), len(runs), seeds, epochs
+    return rows, seeds, epochs
 
 
 # --------------------------------------------------------------------------- output
 
-def markdown(root, tables, runs, unfinished) -> str:
+def has_runs(cells) -> bool:
+    return any(cell.runs for cell in cells)
+
+
+def markdown(root, tables, runs, unfinished, excluded, show_all=False) -> str:
     out = [f"# Results below {root}", "", LEGEND, ""]
     claimed = set()
-    known = [t["id"] for t in tables]
-    experiments = sorted({r.experiment for r in runs} | {d.parent.parent.name for d in unfinished})
+    experiments = sorted({r.experiment for r in runs} | {experiment_of(root, d) for d in unfinished})
     groups = group_runs(runs)
     for table in tables:
-        if table["id"] not in experiments:
-            continue
         grid = build_cells(table, runs)
+        shown = [cells for cells in grid if show_all or has_runs(cells)]
+        if not shown and table["id"] not in experiments:
+            continue
         out += [f"## {table['title']}", ""]
         header = [""] + [c["name"] for c in table["columns"]]
-        out.append(markdown_table(header, [[cells[0].row] + [cell_text(c) for c in cells] for cells in grid]))
+        if shown:
+            out.append(markdown_table(header, [[cells[0].row] + [cell_text(c) for c in cells] for cells in shown]))
+        else:
+            out.append("No run matches a cell of this table yet (--all shows the published numbers).")
         out.append("")
         for cells in grid:
             for cell in cells:
@@ -282,51 +333,59 @@ def markdown(root, tables, runs, unfinished) -> str:
                     out.append(f"Note: the cell '{cell.row} / {cell.column}' averages runs whose settings "
                                f"differ (e.g. recipe or epochs): "
                                + ", ".join(sorted({str(r.path.relative_to(root)) for r in cell.runs})))
-        out += unclaimed_section(root, table["id"], groups, claimed)
+        out += unclaimed_section(table["id"], groups, claimed)
+    known = {t["id"] for t in tables}
     for experiment in experiments:
         if experiment not in known:
-            out += [f"## Experiment '{experiment}' (no table of the paper)", ""]
-            out += unclaimed_section(root, experiment, groups, claimed)
+            out += [f"## Experiment '{experiment}' (no table of the paper)" if experiment else "## Runs in no experiment",
+                    ""]
+            out += unclaimed_section(experiment, groups, claimed)
     if unfinished:
         out += ["## In progress or interrupted (not averaged)", ""]
         out += [f"- {d.relative_to(root)}: {progress(d)}" for d in unfinished]
+        out.append("")
+    if excluded:
+        out += ["## Excluded from every mean", ""]
+        out += [f"- {d.relative_to(root)}: {reason}" for d, reason in excluded]
         out.append("")
     if not runs and not unfinished:
         out.append(f"No runs below {root}.")
     return "\n".join(out).rstrip() + "\n"
 
 
-def unclaimed_section(root, experiment, groups, claimed):
+def unclaimed_section(experiment, groups, claimed):
     rows = []
     for (exp, method, name, _), members in groups.items():
         if exp != experiment or all(id(r) in claimed for r in members):
             continue
-        dataset, networks, n, seeds, epochs = group_row(members)
-        rows.append([name, method, dataset, networks, n, " ".join(map(str, seeds)),
-                     " ".join(map(str, epochs))])
+        networks, seeds, epochs = network_rows(members)
+        for role, arch, best, final in networks:
+            rows.append([name, method, members[0].results.get("dataset", "?"), role, arch, fmt(*best[:2]),
+                         fmt(*final[:2]), best[2], " ".join(map(str, seeds)), " ".join(map(str, epochs))])
     if not rows:
         return []
-    title = "Runs in no cell of the table" if experiment else "Runs"
-    return [f"{title} (best ± std / final ± std, top-1 %):", "",
-            markdown_table(["run", "method", "dataset", "networks", "n", "seeds", "epochs"], rows), ""]
+    return ["Runs in no cell of the table (top-1 %):" if experiment else "Runs (top-1 %):", "",
+            markdown_table(["run", "method", "dataset", "network", "arch", "best ± std", "final ± std", "n", "seeds",
+                            "epochs"], rows), ""]
 
 
 CSV_FIELDS = ["table", "row", "column", "network", "metric", "n", "seeds", "best_mean", "best_std",
               "final_mean", "final_std", "paper", "paper_std", "best_minus_paper", "runs"]
 
 
-def csv_rows(root, tables, runs, unfinished):
-    """One row per table cell, then one per network of every group no cell claims, then in-progress runs."""
+def csv_rows(root, tables, runs, unfinished, show_all=False):
+    """One row per table cell (cells with runs, or every cell with ``show_all``), then one per network of
+    every group no cell claims, then in-progress runs."""
     claimed = set()
     for table in tables:
         for cells in build_cells(table, runs):
             for cell in cells:
                 claimed.update(id(r) for r in cell.runs)
+                if not (cell.runs or (show_all and cell.paper is not None)):
+                    continue
                 best, final = cell.values()
                 b_mean, b_std, n = mean_std(best)
                 f_mean, f_std, _ = mean_std(final)
-                if not cell.runs and cell.paper is None:
-                    continue
                 yield {"table": cell.table, "row": cell.row, "column": cell.column,
                        "network": cell.network or cell.role, "metric": cell.metric, "n": n,
                        "seeds": " ".join(str(r.results.get("seed")) for r in cell.runs),
@@ -337,36 +396,81 @@ def csv_rows(root, tables, runs, unfinished):
     for (experiment, method, name, _), members in group_runs(runs).items():
         if all(id(r) in claimed for r in members):
             continue
-        for role, info in members[0].results.get("networks", {}).items():
-            b_mean, b_std, n = mean_std([r.results["networks"].get(role, {}).get("best_top1") for r in members])
-            f_mean, f_std, _ = mean_std([r.results["networks"].get(role, {}).get("final_top1") for r in members])
-            yield {"table": experiment, "row": f"{method} {name}", "column": role, "network": info.get("arch"),
-                   "metric": "top1", "n": n, "seeds": " ".join(str(r.results.get("seed")) for r in members),
-                   "best_mean": b_mean, "best_std": b_std, "final_mean": f_mean, "final_std": f_std,
+        networks, seeds, _ = network_rows(members)
+        for role, arch, (b_mean, b_std, n), (f_mean, f_std, _) in networks:
+            yield {"table": experiment, "row": f"{method} {name}", "column": role, "network": arch,
+                   "metric": "top1", "n": n, "seeds": " ".join(map(str, seeds)), "best_mean": b_mean,
+                   "best_std": b_std, "final_mean": f_mean, "final_std": f_std,
                    "runs": " ".join(str(r.path.relative_to(root)) for r in members)}
     for run_dir in unfinished:
-        yield {"table": run_dir.parent.parent.name, "row": "in progress", "runs": str(run_dir.relative_to(root)),
+        yield {"table": experiment_of(root, run_dir), "row": "in progress", "runs": str(run_dir.relative_to(root)),
                "column": progress(run_dir)}
 
 
+RUN_FIELDS = ["experiment", "method", "run", "seed", "dataset", "recipe", "role", "arch", "params", "best_top1",
+              "best_epoch", "final_top1", "final_top5", "epochs", "epochs_planned", "wall_time_s", "git_commit", "path"]
+
+
+def run_rows(root, runs):
+    """One row per run and network: the fields of RUN_FIELDS, then every recorded flag (``args.*``),
+    the method's settings and the network's resolved optimisation (``net.*``)."""
+    for run in runs:
+        settings = {k: v for k, v in run.facets.items() if k not in ("archs", "method", "dataset", "recipe", "seed",
+                                                                     "epochs", "epochs_planned", "wall_time_s")}
+        args = flatten(run.results.get("args", {}) if isinstance(run.results.get("args"), dict) else {}, "args.")
+        for role, info in run.results["networks"].items():
+            yield {"experiment": run.experiment, "method": run.results.get("method"), "run": run.name,
+                   "seed": run.results.get("seed"), "dataset": run.results.get("dataset"),
+                   "recipe": run.results.get("recipe"), "role": role, "arch": info.get("arch"),
+                   "params": info.get("params"), "best_top1": info.get("best_top1"),
+                   "best_epoch": info.get("best_epoch"), "final_top1": info.get("final_top1"),
+                   "final_top5": info.get("final_top5"), "epochs": run.results.get("epochs"),
+                   "epochs_planned": run.results.get("epochs_planned"), "wall_time_s": run.results.get("wall_time_s"),
+                   "git_commit": (run.results.get("provenance") or {}).get("git_commit"),
+                   "path": str(run.path.relative_to(root)), **settings, **args,
+                   **{f"net.{k}": v for k, v in info.items() if k not in RUN_FIELDS}}
+
+
+def cell_value(value):
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return " ".join(map(str, value)) if isinstance(value, list) else value
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("root", type=Path, help="folder holding the run directories (e.g. runs)")
-    p.add_argument("--csv", action="store_true", help="CSV (one row per cell) instead of Markdown")
+    p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    p.add_argument("--runs", action="store_true",
+                   help="one row per run and network (with --csv: with every recorded flag) instead of the tables")
+    p.add_argument("--all", action="store_true", help="every row of the paper's tables, also those without runs")
     p.add_argument("--published", type=Path, default=PUBLISHED, help="the published numbers")
     args = p.parse_args(argv)
     if not args.root.is_dir():
         print(f"summarize.py: error: no folder {args.root}", file=sys.stderr)
         return 2
     tables = json.loads(args.published.read_text())["tables"]
-    runs, unfinished = read_runs(args.root)
+    runs, unfinished, excluded = read_runs(args.root)
+    if args.runs:
+        rows = list(run_rows(args.root, runs))
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or RUN_FIELDS
+        if args.csv:
+            writer = csv.DictWriter(sys.stdout, fields, lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: cell_value(v) for k, v in row.items()})
+        else:
+            shown = ["experiment", "method", "run", "seed", "dataset", "role", "arch", "best_top1", "final_top1",
+                     "epochs"]
+            sys.stdout.write(markdown_table(shown, [[cell_value(row[k]) for k in shown] for row in rows]) + "\n")
+        return 0
     if args.csv:
         writer = csv.DictWriter(sys.stdout, CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
-        for row in csv_rows(args.root, tables, runs, unfinished):
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        for row in csv_rows(args.root, tables, runs, unfinished, args.all):
+            writer.writerow({k: cell_value(v) for k, v in row.items()})
     else:
-        sys.stdout.write(markdown(args.root, tables, runs, unfinished))
+        sys.stdout.write(markdown(args.root, tables, runs, unfinished, excluded, args.all))
     return 0
 
 

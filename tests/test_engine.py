@@ -29,9 +29,16 @@ def test_vanilla_run_directory(tmp_path):
     assert {"train/loss", "test/student/top1", "test/student/top5", "lr/student"} <= rows[0].keys()
 
     on_disk = json.loads((run_dir / "results.json").read_text())
-    assert on_disk["epochs"] == 2 and on_disk["method"] == "vanilla"
+    assert on_disk["epochs"] == 2 and on_disk["method"] == "vanilla" and on_disk["status"] == "finished"
     net = on_disk["networks"]["student"]
     assert net["arch"] == "resnet20" and net["params"] > 0
+    # the resolved optimisation of the network (the paper's CIFAR recipe; 2 of 300 epochs scale the milestones)
+    assert (net["optimizer"], net["lr"], net["weight_decay"], net["lr_drop"], net["variant"]) == \
+        ("adam", 0.01, 1e-4, "after", "paper")
+    assert net["milestones"] == utils.scaled_milestones(utils.recipe_for("paper", "synthetic", "student"), 2)
+    assert on_disk["settings"]["batch_size"] == 32 and on_disk["settings"]["world_size"] == 1
+    assert on_disk["provenance"]["torch"] == torch.__version__ and "git_commit" in on_disk["provenance"]
+    assert [i["from_epoch"] for i in on_disk["invocations"]] == [0]
     assert net["best_top1"] == max(r["test/student/top1"] for r in rows)
     assert net["final_top1"] == rows[-1]["test/student/top1"]
     assert on_disk["args"]["model"] == "resnet20" and on_disk["wall_time_s"] > 0
@@ -39,6 +46,10 @@ def test_vanilla_run_directory(tmp_path):
 
     best = torch.load(run_dir / "best_student.pt", weights_only=False)
     assert best["arch"] == "resnet20" and best["epoch"] == net["best_epoch"]
+    last = torch.load(run_dir / "last.pt", weights_only=False)
+    assert (last["method"], last["epoch"], last["epochs_planned"]) == ("vanilla", 2, 2)
+    assert last["milestones"]["student"] == net["milestones"] and len(last["invocations"]) == 1
+    assert last["identity"]["model"] == "resnet20" and "epochs" not in last["identity"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -50,16 +61,26 @@ def test_vanilla_run_directory(tmp_path):
         [r["test/student/top1"] for r in rows])
 
 
+def crash_after_first_epoch(monkeypatch):
+    """Make Run.end_epoch stop the run (as Ctrl-C would) once epoch 1 is recorded; returns the original."""
+    original = utils.Run.end_epoch
+
+    def crash(self, metrics, extra=None):
+        original(self, metrics, extra)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(utils.Run, "end_epoch", crash)
+    return original
+
+
+def without_times(rows):
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     args = ["--epochs", "2"]
     vanilla(tmp_path, *args, "--run-name", "straight")
 
-    original = utils.Run.end_epoch
-
-    def crash_after_first_epoch(self, extra=None):
-        original(self, extra)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", crash_after_first_epoch)
+    original = crash_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         vanilla(tmp_path, *args, "--run-name", "resumed")
     monkeypatch.setattr(utils.Run, "end_epoch", original)
@@ -76,6 +97,52 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     lines = (tmp_path / "vanilla/resumed/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    # the same losses and test metrics, epoch by epoch, and the same schedule
+    assert without_times(resumed["history"]) == without_times(straight["history"])
+    assert resumed["schedulers"]["student"] == straight["schedulers"]["student"]
+    results = json.loads((tmp_path / "vanilla/resumed/results.json").read_text())
+    assert [i["from_epoch"] for i in results["invocations"]] == [0, 1] and results["status"] == "finished"
+
+
+def test_resume_refuses_changed_flags_and_fewer_epochs(tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--model", "resnet20", "--out", str(tmp_path), "--run-name", "r"]
+    crash_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_vanilla.main([*args, "--epochs", "3"])
+    monkeypatch.undo()
+    code, lines = run_cli(capsys, *args, "--epochs", "3", "--resume", "--lr", "0.5", "--seed", "1")
+    assert code == 2 and len(lines) == 1, lines
+    assert "--lr None -> 0.5" in lines[0] and "--seed 0 -> 1" in lines[0]
+    code, lines = run_cli(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 2 and len(lines) == 1 and "--epochs" in lines[0], lines
+    # --epochs may grow (the milestones stay those of the original plan); --workers may change
+    planned = torch.load(tmp_path / "vanilla/r/last.pt", weights_only=False)["milestones"]
+    results = train_vanilla.main([*args, "--epochs", "4", "--resume", "--workers", "1"])
+    assert results["epochs"] == results["epochs_planned"] == 4
+    assert results["networks"]["student"]["milestones"] == planned["student"]
+    assert "extending from 3 to 4 epochs" in capsys.readouterr().err
+
+
+def test_run_directory_is_locked(tmp_path, capsys):
+    lock = utils.RunDirectory(tmp_path / "vanilla" / "r")
+    # another process holds the lock: a second run is refused with one line
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('pid 1 on elsewhere'); f.flush(); print('locked', flush=True); time.sleep(60)"),
+        str(tmp_path / "vanilla/r/.lock")], stdout=subprocess.PIPE, text=True) \
+        if (tmp_path / "vanilla/r").mkdir(parents=True) is None else None
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, lines = run_cli(capsys, *TINY, "--model", "resnet20", "--out", str(tmp_path), "--epochs", "1",
+                              "--run-name", "r")
+        assert code == 2 and len(lines) == 1 and "in use by pid 1 on elsewhere" in lines[0], lines
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone (however it ended) the directory is free again
+    vanilla(tmp_path, "--epochs", "1", "--run-name", "r")
+    lock.create_and_lock()  # the finished run released it
+    lock.release()
 
 
 def test_milestones_scale_with_short_runs():
@@ -100,6 +167,10 @@ def run_cli(capsys, *args):
     (["--recipe", "fast"], "fast"),
     (["--batch-size", "many"], "many"),
     (["--device", "tpu"], "tpu"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--batch"], "--batch"),  # no abbreviations
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, flags, message):
     code, lines = run_cli(capsys, *TINY, "--out", str(tmp_path), "--epochs", "1", *flags)

@@ -5,8 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train_switokd import (adaptive_threshold, distillation_gap, distillation_loss, expert_mode,
-                           label_distance, student_loss, switching_threshold, teacher_loss)
+from distill import (SWITCH_RULES, adaptive_threshold, distillation_gap, expert_mode, kl_loss, label_distance,
+                     switching_decision, switching_statistics)
+from train_switokd import student_loss, teacher_loss
+
+
+def switching_threshold(z_s, z_t, y, tau=1.0, r_form="sum"):
+    """delta of Eqn. (13) from one batch's logits (the old train_switokd.switching_threshold)."""
+    return adaptive_threshold(label_distance(z_s, y, tau), label_distance(z_t, y, tau), r_form)
 
 
 def logits_for(probabilities):
@@ -74,18 +80,27 @@ def test_unknown_r_form_and_rule_rejected():
     with pytest.raises(ValueError, match="r_form"):
         adaptive_threshold(1.0, 0.5, "product")
     with pytest.raises(ValueError, match="rule"):
-        expert_mode(1.0, 0.5, rule="sometimes")
+        expert_mode(1.0, 0.5, 1.2, 0.4, rule="sometimes")
+    with pytest.raises(ValueError, match="rule"):
+        switching_decision(torch.tensor([1.0, 1.2, 0.4]), rule="paper")  # the old names are gone
+    assert SWITCH_RULES == ("text", "algorithm1")
 
 
-@pytest.mark.parametrize("gap,delta,d_s,d_t,paper,official", [
+@pytest.mark.parametrize("gap,delta,d_s,d_t,algorithm1,text", [
     (0.9, 0.5, 1.2, 0.4, True, True),     # G > delta, teacher closer to labels
     (0.3, 0.5, 1.2, 0.4, False, False),   # G <= delta: learning mode under both rules
     (0.5, 0.5, 1.2, 0.4, False, False),   # G == delta is learning mode (Algorithm 1, line 5)
-    (0.9, 0.5, 0.4, 1.2, True, False),    # student closer to labels: the released rule refuses
+    (0.9, 0.5, 0.4, 1.2, True, False),    # student closer to labels: the text's rule refuses
 ])
-def test_mode_decision(gap, delta, d_s, d_t, paper, official):
-    assert expert_mode(gap, delta, d_s, d_t, rule="paper") is paper
-    assert expert_mode(gap, delta, d_s, d_t, rule="official") is official
+def test_mode_decision(gap, delta, d_s, d_t, algorithm1, text):
+    assert expert_mode(gap, delta, d_s, d_t, rule="algorithm1") is algorithm1
+    assert expert_mode(gap, delta, d_s, d_t, rule="text") is text
+    assert expert_mode(gap, delta, d_s, d_t) is text  # the default rule
+    # the same decision on tensors, one row per pair
+    rows = torch.tensor([[gap, d_s, d_t]], dtype=torch.float64)
+    for rule, expected in (("algorithm1", algorithm1), ("text", text)):
+        got = switching_decision(rows, rule, fixed_delta=delta)[1]
+        assert got.dtype == torch.bool and got.tolist() == [expected]
 
 
 def test_mode_decision_from_constructed_logits():
@@ -97,13 +112,53 @@ def test_mode_decision_from_constructed_logits():
                             (logits_for([[0.2, 1e-12, 0.8]]), True)):
         gap = distillation_gap(student, teacher).item()
         delta = switching_threshold(student, teacher, y).item()
-        assert expert_mode(gap, delta, rule="paper") is expert
+        d_s, d_t = label_distance(student, y).item(), label_distance(teacher, y).item()
+        assert expert_mode(gap, delta, d_s, d_t, rule="algorithm1") is expert
+        # switching_statistics + switching_decision reach the same G, delta and mode
+        stats = switching_statistics(student, teacher, y)
+        torch.testing.assert_close(stats, torch.tensor([gap, d_s, d_t], dtype=torch.float64))
+        got_delta, got_expert = switching_decision(stats, "algorithm1")
+        assert got_delta.item() == pytest.approx(delta)
+        assert got_expert.item() is expert
+
+
+def test_switching_decision_options():
+    # rows of (G, d_s, d_t), one per pair: Eqn. (13) per row, a fixed delta, no switching, another pair's epsilon
+    stats = torch.tensor([[0.9, 1.2, 0.4], [0.3, 1.2, 0.4], [0.9, 0.4, 1.2]], dtype=torch.float64)
+    delta, expert = switching_decision(stats)
+    torch.testing.assert_close(delta, torch.tensor([adaptive_threshold(d_s, d_t) for _, d_s, d_t in stats.tolist()],
+                                                   dtype=torch.float64))
+    assert expert.tolist() == [True, False, False]  # the default rule is the text's
+    assert switching_decision(stats, "algorithm1")[1].tolist() == [True, False, True]
+    delta, expert = switching_decision(stats, "algorithm1", fixed_delta=0.5)
+    assert delta.tolist() == [0.5] * 3 and expert.tolist() == [True, False, True]
+    assert switching_decision(stats, "algorithm1", fixed_delta=0.0, switching=False)[1].tolist() == [False] * 3
+    assert switching_decision(stats, r_form="ratio")[0][0].item() == pytest.approx(adaptive_threshold(1.2, 0.4, "ratio"))
+    # epsilon = exp(-r) from another pair's distances: delta = d_s - exp(-r') d_t
+    other = stats.flip(0)
+    delta, _ = switching_decision(stats, epsilon_stats=other)
+    # row 0 takes r from row 2's (d_s, d_t) = (0.4, 1.2), row 2 from row 0's (1.2, 0.4)
+    assert delta[0].item() == pytest.approx(1.2 - math.exp(-1.2 / 1.6) * 0.4)
+    assert delta[2].item() == pytest.approx(0.4 - math.exp(-0.4 / 1.6) * 1.2)
+    assert adaptive_threshold(1.2, 0.4, epsilon_distances=(0.4, 1.2)) == pytest.approx(delta[0].item())
+
+
+def test_kl_loss_scaling_and_detach():
+    torch.manual_seed(3)
+    z_t = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    z_s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    plain = (F.softmax(z_t / 2, 1) * (F.log_softmax(z_t / 2, 1) - F.log_softmax(z_s / 2, 1))).sum(1).mean()
+    assert kl_loss(z_t, z_s, tau=2.0).item() == pytest.approx(4 * plain.item())  # tau^2, batchmean
+    kl_loss(z_t, z_s).backward()
+    assert z_t.grad is None and z_s.grad is not None
+    kl_loss(z_t, z_s, detach=False).backward()
+    assert z_t.grad is not None
 
 
 def test_kl_term_by_hand():
     p_t, p_s = [[0.5, 0.5]], [[0.8, 0.2]]
     expected = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
-    assert distillation_loss(logits_for(p_t), logits_for(p_s)).item() == pytest.approx(expected)
+    assert kl_loss(logits_for(p_t), logits_for(p_s)).item() == pytest.approx(expected)
 
 
 def test_losses_by_hand():

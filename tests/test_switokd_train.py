@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+import distill
 import train_switokd
 import utils
 
 TINY = ["--dataset", "synthetic", "--train-subset", "96", "--test-subset", "48", "--batch-size", "32",
         "--workers", "0", "--no-progress", "--student", "resnet20", "--teacher", "wrn_16_1"]
-ALWAYS_EXPERT = ["--fixed-delta", "-1"]     # G >= 0 > -1: every batch in expert mode
-ALWAYS_LEARNING = ["--fixed-delta", "3"]    # G <= 2 < 3: every batch in learning mode
+ALWAYS_EXPERT = ["--switch-rule", "algorithm1", "--fixed-delta", "0"]  # G > 0 every batch: expert mode
+ALWAYS_LEARNING = ["--no-switching"]                                    # Table 2 case A: learning mode
 
 
 def train(tmp_path, name, *flags, epochs=1):
@@ -29,17 +30,25 @@ def checkpoint(tmp_path, name):
 
 
 def first_epoch_then(tmp_path, monkeypatch, name, *flags):
-    """Epoch 1 in learning mode (so both optimisers hold state), then epoch 2 with ``flags``."""
-    original = utils.Run.end_epoch
+    """A run with ``flags``: epoch 1 forced into learning mode (so both optimisers hold state),
+    stopped after it, then resumed (same flags, as --resume demands) for epoch 2 as ``flags`` decide."""
+    original, decide = utils.Run.end_epoch, train_switokd.switching_decision
 
-    def stop_after_epoch_one(self, extra=None):
-        original(self, extra)
+    def stop_after_epoch_one(self, metrics, extra=None):
+        original(self, metrics, extra)
         raise KeyboardInterrupt
+
+    def always_learning(*args, **kwargs):
+        delta, expert = decide(*args, **kwargs)
+        return delta, torch.zeros_like(expert)
     monkeypatch.setattr(utils.Run, "end_epoch", stop_after_epoch_one)
+    monkeypatch.setattr(train_switokd, "switching_decision", always_learning)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path, name, *ALWAYS_LEARNING, epochs=2)
+        train(tmp_path, name, *flags, epochs=2)
     monkeypatch.setattr(utils.Run, "end_epoch", original)
+    monkeypatch.setattr(train_switokd, "switching_decision", decide)
     before = checkpoint(tmp_path, name)
+    assert before["epoch"] == 1
     train(tmp_path, name, *flags, "--resume", epochs=2)
     return before, checkpoint(tmp_path, name)
 
@@ -76,13 +85,18 @@ def test_trace_and_results(tmp_path):
         assert np.isfinite(t[key]).all(), key
     np.testing.assert_allclose(t["delta"], t["ps_y"] - np.exp(-t["pt_y"] / (t["ps_y"] + t["pt_y"])) * t["pt_y"],
                                rtol=1e-5)
-    np.testing.assert_array_equal(t["expert"], t["G"] > t["delta"])
+    np.testing.assert_array_equal(t["expert"], (t["G"] > t["delta"]) & (t["pt_y"] < t["ps_y"]))  # the text's rule
     assert results["expert_fraction"] == pytest.approx(t["expert"].mean())
-    assert results["iterations"] == 6 and results["switching"]["rule"] == "paper"
+    assert results["iterations"] == 6 and results["switching"]["rule"] == "text"
     assert set(results["networks"]) == {"student", "teacher"}
     rows = [json.loads(line) for line in (tmp_path / "switokd/default/metrics.jsonl").read_text().splitlines()]
-    assert {"switch/expert_fraction", "time/expert_s", "time/learning_s",
-            "test/student/top1", "test/teacher/top1"} <= rows[0].keys()
+    assert {"switch/expert_fraction", "time/expert_s", "time/learning_s", "train/student_ce", "train/teacher_kl",
+            "test/student/top1", "test/teacher/top1", "lr/student", "lr/teacher"} <= rows[0].keys()
+    assert [row["switch/expert_fraction"] for row in rows] == pytest.approx(
+        [t["expert"][t["epoch"] == e].mean() for e in (1, 2)])
+    assert len(t["seconds"]) == 6 and (t["seconds"] > 0).all()
+    assert sum(row["time/expert_s"] + row["time/learning_s"] for row in rows) == pytest.approx(
+        float(t["seconds"].sum()), rel=1e-4)
 
 
 def test_case_a_never_switches(tmp_path):
@@ -94,7 +108,24 @@ def test_case_b_fixed_threshold(tmp_path):
     train(tmp_path, "b", "--fixed-delta", "0.6")
     t = trace(tmp_path, "b")
     assert (t["delta"] == np.float32(0.6)).all()
-    np.testing.assert_array_equal(t["expert"], t["G"] > 0.6)
+    np.testing.assert_array_equal(t["expert"], (t["G"] > 0.6) & (t["pt_y"] < t["ps_y"]))
+
+
+@pytest.mark.parametrize("value", ["-1", "3", "nan", "x"])
+def test_fixed_delta_outside_its_range_is_refused(value, capsys):
+    # G lies in [0, 2]: a threshold outside it is no ablation (force the modes with the rule flags instead)
+    with pytest.raises(SystemExit) as e:
+        train_switokd.parse_args(["--fixed-delta", value])
+    assert e.value.code == 2
+    assert "--fixed-delta" in capsys.readouterr().err
+    assert train_switokd.parse_args(["--fixed-delta", "2"]).fixed_delta == 2.0
+
+
+def test_forced_modes(tmp_path):
+    train(tmp_path, "x", *ALWAYS_EXPERT)
+    train(tmp_path, "l", *ALWAYS_LEARNING)
+    assert trace(tmp_path, "x")["expert"].tolist() == [1, 1, 1]
+    assert trace(tmp_path, "l")["expert"].tolist() == [0, 0, 0]
 
 
 def test_case_c_independent_teacher_differs(tmp_path):
@@ -119,25 +150,54 @@ def test_temperature_softens_the_gap(tmp_path):
     assert trace(tmp_path, "t8")["G"][0] < trace(tmp_path, "t1")["G"][0]
 
 
-def test_official_switch_rule(tmp_path):
-    results = train(tmp_path, "o", "--switch-rule", "official")
+def test_algorithm1_switch_rule(tmp_path):
+    results = train(tmp_path, "o", "--switch-rule", "algorithm1")
     t = trace(tmp_path, "o")
-    np.testing.assert_array_equal(t["expert"], (t["G"] > t["delta"]) & (t["pt_y"] < t["ps_y"]))
-    assert results["switching"]["rule"] == "official"
+    np.testing.assert_array_equal(t["expert"], t["G"] > t["delta"])
+    assert results["switching"]["rule"] == "algorithm1"
 
 
-def test_official_recipe_implies_official_rule():
-    args = train_switokd.parse_args(["--recipe", "official"])
-    assert args.switch_rule == "official"
+def test_switch_rule_defaults_to_the_text_under_every_recipe():
+    for recipe in utils.RECIPE_NAMES:
+        assert train_switokd.parse_args(["--recipe", recipe]).switch_rule == "text"
     args = train_switokd.parse_args([])
     assert (args.switch_rule, args.student, args.teacher, args.dataset) == \
-        ("paper", "mobilenetv2_0.5", "wrn_16_2", "cifar100")
+        ("text", "mobilenetv2_0.5", "wrn_16_2", "cifar100")
+    for old in ("paper", "official"):
+        with pytest.raises(SystemExit):
+            train_switokd.parse_args(["--switch-rule", old])
+
+
+def test_train_step_modes():
+    """One train_step: the trace values as floats; expert mode leaves the teacher and its optimiser alone."""
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(12, 5), torch.nn.Linear(12, 5)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
+    images, targets = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    precision = utils.Precision(torch.device("cpu"))
+    for flags, expert in ((ALWAYS_EXPERT, True), (ALWAYS_LEARNING, False)):
+        cfg = train_switokd.parse_args(flags)
+        s0, t0 = student.weight.clone(), teacher.weight.clone()
+        with torch.no_grad():
+            stats = distill.switching_statistics(student(images), teacher(images), targets)
+        values = train_switokd.train_step(student, teacher, opt_s, opt_t, images, targets, cfg, precision)
+        assert tuple(values) == train_switokd.TRACE and all(type(v) is float for v in values.values())
+        assert values["expert"] == float(expert)
+        # the logged statistics are those of the batch before the step
+        assert [values["G"], values["ps_y"], values["pt_y"]] == pytest.approx(stats.tolist())
+        assert not torch.equal(student.weight, s0)
+        assert torch.equal(teacher.weight, t0) is expert
+        assert (opt_t.state == {}) is expert  # expert first: the teacher's optimiser has not stepped yet
+    assert values["delta"] == pytest.approx(distill.adaptive_threshold(values["ps_y"], values["pt_y"]))
 
 
 def test_digits_end_to_end(tmp_path):
     results = train_switokd.main(["--dataset", "digits", "--student", "resnet20", "--teacher", "wrn_16_1",
                                   "--epochs", "1", "--batch-size", "64", "--train-subset", "512",
                                   "--workers", "0", "--no-progress", "--out", str(tmp_path)])
-    assert results["iterations"] == 8
+    assert results["iterations"] == 8 and results["status"] == "finished"
     assert math.isfinite(results["networks"]["student"]["best_top1"])
-    assert (tmp_path / "switokd" / "digits-resnet20-wrn_16_1-seed0" / "results.json").is_file()
+    # the default run name names every flag given a non-default value (not --epochs, --workers, --out, ...)
+    run = tmp_path / "switokd" / "digits-resnet20-wrn_16_1-train_subset=512-batch_size=64-seed0"
+    assert (run / "results.json").is_file()
