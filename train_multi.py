@@ -127,7 +127,10 @@ def train_step(nets, optimizers, images, targets, teachers, students, cfg, preci
 
     row = {"G": [r[0] for r in host], "ps_y": [r[1] for r in host], "pt_y": [r[2] for r in host],
            "delta": [r[3] for r in host], "expert": [r[4] for r in host],
-           "paused": [float(t in paused) for t in teachers]}
+           "paused": [float(t in paused) for t in teachers],
+           # per network, in the order of ``nets``; left on the device (copied once an epoch)
+           "ce": torch.stack([losses[r][1] for r in nets]).detach(),
+           "kl": torch.stack([losses[r][2] for r in nets]).detach()}
     logged = {f"{t}-{s}/{key}": row[key][i] for i, (t, s) in enumerate(pairs) for key in ("G", "delta", "expert")}
     logged.update({f"{t}/paused": value for t, value in zip(teachers, row["paused"])})
     for role, (_, ce, kl) in losses.items():
@@ -149,7 +152,8 @@ def multi_summary(args, topology, trace, pairs, teachers, roles):
         "expert_fraction": {f"{t}-{s}": mean(expert[:, i]) for i, (t, s) in enumerate(pairs)},
         "paused_fraction": {t: mean(paused[:, i]) for i, t in enumerate(teachers)},
         "iterations": int(len(expert)),
-        "trace_columns": {"pairs": [f"{t}-{s}" for t, s in pairs], "teachers": list(teachers)},
+        "trace_columns": {"pairs": [f"{t}-{s}" for t, s in pairs], "teachers": list(teachers),
+                          "networks": list(roles)},
         "switching": {flag: getattr(args, flag) for flag in SWITCHING_FLAGS},
     }
 
@@ -216,7 +220,8 @@ def main(argv=None):
                                      args, run.precision)
             rows.append(row)
             run.log(logged)
-        epoch_trace = {key: np.asarray([r[key] for r in rows], dtype=np.float32) for key in rows[0]}
+        epoch_trace = {key: torch.stack([r[key] for r in rows]).float().cpu().numpy() if torch.is_tensor(rows[0][key])
+                       else np.asarray([r[key] for r in rows], dtype=np.float32) for key in rows[0]}
         epoch_trace["seconds"] = run.iteration_seconds().astype(np.float32)
         trace.append(epoch_trace)
         run.step_schedulers()

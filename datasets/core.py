@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 
 import torch
 from torch import Tensor
@@ -103,17 +104,21 @@ def eval_transform(dataset: Dataset):
 def split_holdout(bundle: DataBundle, n: int | float) -> DataBundle:
     """``bundle`` with a fixed, class-balanced choice of ``n`` training images moved to ``holdout``.
 
-    ``n`` is a count, or a fraction of the training split when below 1. The held-out images
-    leave the training split and are served unaugmented, through the test split's transform
-    (e.g. KDCL-General's ensemble weights are fitted on them).
+    ``n`` is a count (an integer), or a fraction of the training split when strictly between
+    0 and 1 (rounded, at least one image); a count outside ``1..len - 1`` raises ``ValueError``
+    naming ``n``. The held-out images leave the training split and are served unaugmented,
+    through the test split's transform (e.g. KDCL-General's ensemble weights are fitted on them).
     """
     targets = targets_of(bundle.train)
-    if 0 < n < 1:
-        n = max(1, round(n * len(targets)))
-    if not 0 < n < len(targets):
-        raise ValueError(f"holdout {n} must be between 1 and {len(targets) - 1} "
-                         f"(the training split has {len(targets)} images)")
-    held = balanced_subset(targets, n)
+    size = len(targets)
+    count = max(1, round(n * size)) if 0 < n < 1 else n
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)
+    if not isinstance(count, numbers.Integral) or not 0 < count < size:
+        given = f"holdout {n!r}" + (f" ({count} images)" if 0 < n < 1 else "")
+        raise ValueError(f"{given} must be a count between 1 and {size - 1} or a fraction between 0 and 1 "
+                         f"(the training split has {size} images)")
+    held = balanced_subset(targets, int(count))
     keep = torch.ones(len(targets), dtype=torch.bool)
     keep[held] = False
     train, train_arrays = _select(bundle.train, bundle.train_arrays, keep.nonzero().flatten())

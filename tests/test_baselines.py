@@ -1,9 +1,9 @@
 """DML, KDCL and KD: their losses against hand computations and Table 1's gradients, their
 ensembles, data views and teacher loading, and one tiny end-to-end run of each script."""
+import copy
 import dataclasses
 import json
 import math
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +20,7 @@ import train_vanilla
 import utils
 from datasets import transforms
 from datasets.small import ArrayDataset
-from train_dml import cohort, mutual_learning_loss
+from train_dml import mutual_learning_loss
 from train_kd import kd_loss
 from train_kdcl import (ensemble_target, general_weights, held_out_error_gram, kdcl_loss, linear_weights,
                         min_logit_ensemble, naive_ensemble, project_to_simplex)
@@ -88,7 +88,8 @@ def test_mutual_learning_gradient_is_table1_closed_form():
 
 def test_roles():
     def roles(*argv):
-        return cohort(train_dml.parse_args(list(argv)))
+        args = train_dml.parse_args(list(argv))
+        return utils.cohort(args.models, args.roles)
     assert roles("--models", "a", "b") == {"student": "a", "teacher": "b"}
     assert list(roles("--models", "a", "b", "c")) == ["net1", "net2", "net3"]
     assert roles("--models", "a", "b", "c", "--roles", "s1", "s2", "teacher")["teacher"] == "c"
@@ -116,7 +117,35 @@ def test_sequential_update_differs_from_simultaneous(tmp_path):
     on_disk = json.loads((tmp_path / "dml" / "sequential" / "results.json").read_text())
     assert on_disk["method"] == "dml" and set(on_disk["networks"]) == {"student", "teacher"}
     row = json.loads((tmp_path / "dml" / "sequential" / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"train/student_ce", "train/teacher_kl", "test/teacher/top1", "lr/student"} <= row.keys()
+    assert {"train/student/ce", "train/teacher/kl", "test/teacher/top1", "lr/student"} <= row.keys()
+
+
+def test_dml_train_step():
+    # Three linear networks, one SGD step (lr 1) each way. Simultaneous: every network steps on the gradient
+    # of its own DML loss at the common forward pass. Sequential: the first network's step is the same; the
+    # others learn from the refreshed predictions of the networks updated before them.
+    torch.manual_seed(0)
+    initial = {role: nn.Linear(6, 4) for role in ("net1", "net2", "net3")}
+    x, y, tau = torch.randn(5, 6), torch.randint(0, 4, (5,)), 2.0
+    logits = [net(x) for net in initial.values()]
+    expected = {}
+    for k, (role, net) in enumerate(initial.items()):
+        peers = [z.detach() for j, z in enumerate(logits) if j != k]
+        grad = torch.autograd.grad(mutual_learning_loss(logits[k], peers, y, tau)[0], net.weight)[0]
+        expected[role] = net.weight.detach() - grad
+    after = {}
+    for sequential in (False, True):
+        nets = copy.deepcopy(initial)
+        optimizers = {role: torch.optim.SGD(net.parameters(), lr=1.0) for role, net in nets.items()}
+        values = train_dml.train_step(nets, optimizers, x, y, tau, utils.Precision(torch.device("cpu")), sequential)
+        assert list(values) == [f"{r}/{k}" for r in nets for k in ("ce", "kl")]
+        assert values["net1/ce"].item() == pytest.approx(F.cross_entropy(logits[0], y).item())
+        after[sequential] = {role: net.weight.detach() for role, net in nets.items()}
+    for role in initial:
+        torch.testing.assert_close(after[False][role], expected[role])
+    assert torch.equal(after[True]["net1"], after[False]["net1"])
+    assert not torch.equal(after[True]["net2"], after[False]["net2"])
+    assert not torch.equal(after[True]["net3"], after[False]["net3"])
 
 
 # --------------------------------------------------------------------------- KDCL

@@ -124,25 +124,26 @@ def test_resume_refuses_changed_flags_and_fewer_epochs(tmp_path, monkeypatch, ca
 
 
 def test_run_directory_is_locked(tmp_path, capsys):
-    lock = utils.RunDirectory(tmp_path / "vanilla" / "r")
-    # another process holds the lock: a second run is refused with one line
-    holder = subprocess.Popen([sys.executable, "-c", (
+    run_dir = tmp_path / "vanilla" / "r"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (  # another process holds the lock
         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
         "f.write('pid 1 on elsewhere'); f.flush(); print('locked', flush=True); time.sleep(60)"),
-        str(tmp_path / "vanilla/r/.lock")], stdout=subprocess.PIPE, text=True) \
-        if (tmp_path / "vanilla/r").mkdir(parents=True) is None else None
+        str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, lines = run_cli(capsys, *TINY, "--model", "resnet20", "--out", str(tmp_path), "--epochs", "1",
                               "--run-name", "r")
         assert code == 2 and len(lines) == 1 and "in use by pid 1 on elsewhere" in lines[0], lines
+        assert not (run_dir / "last.pt").exists()
     finally:
         holder.kill()
         holder.wait()
-    # once the holder is gone (however it ended) the directory is free again
+    # the holder is gone (killed: its lock file stays, but is no lock): the directory is free again
     vanilla(tmp_path, "--epochs", "1", "--run-name", "r")
-    lock.create_and_lock()  # the finished run released it
-    lock.release()
+    free = subprocess.run([sys.executable, "-c", "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a+'), "
+                           "fcntl.LOCK_EX | fcntl.LOCK_NB)", str(run_dir / ".lock")], timeout=60)
+    assert free.returncode == 0  # the finished run released it
 
 
 def test_milestones_scale_with_short_runs():

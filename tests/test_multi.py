@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import distill
 import train_multi
 import train_switokd
 import utils
+from distill import kl_loss
 from train_multi import distillation_sources, network_loss, paused_teachers
-from train_switokd import distillation_loss, student_loss, teacher_loss
+from train_switokd import student_loss, teacher_loss
 
 ITERATIONS = 4
-REAL_DECISION = train_switokd.switch_decision
+REAL_DECISION = distill.switching_decision
 
 
 def tiny(tmp_path, *extra, iterations=ITERATIONS):
@@ -126,7 +128,7 @@ def test_network_loss_with_one_guide_is_switokd_bit_for_bit():
         grad_mine = torch.autograd.grad(mine[0], (z_s, z_t), allow_unused=True)
         grad_theirs = torch.autograd.grad(theirs[0], (z_s, z_t), allow_unused=True)
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grad_mine, grad_theirs))
-    assert network_loss(z_s, [z_t, z_t], y)[2].item() == pytest.approx(2 * distillation_loss(z_t, z_s).item())
+    assert network_loss(z_s, [z_t, z_t], y)[2].item() == pytest.approx(2 * kl_loss(z_t, z_s).item())
 
 
 # --------------------------------------------------------------------------- flags
@@ -140,14 +142,45 @@ def test_presets_and_overrides():
     assert train_multi.role_names(args.teachers, args.students) == (
         {S1: "c", S2: "d", "student3": "e"}, {T1: "a", T2: "b"})
     assert train_multi.role_names(["a"], ["b"]) == ({S: "b"}, {T: "a"})
-    assert args.switch_rule == "paper" and args.paused_teacher == "suspend"
-    assert train_multi.parse_args(["--topology", "2T1S", "--recipe", "official"]).switch_rule == "official"
+    assert (args.switch_rule, args.paused_teacher, args.pair_epsilon) == ("text", "suspend", "own")
+
+
+@pytest.mark.parametrize("argv, paused_teacher, pair_epsilon", [
+    (["--topology", "1T2S"], "suspend", "own"),
+    (["--topology", "2T1S"], "suspend", "own"),
+    # the released three-network scripts: 1T2S steps a paused teacher on a zero loss; both take the
+    # first pair's epsilon from the second pair's distances
+    (["--topology", "1T2S", "--recipe", "official"], "zero-step", "other-pair"),
+    (["--topology", "2T1S", "--recipe", "official"], "suspend", "other-pair"),
+    (["--teachers", "a", "--students", "b", "--recipe", "official"], "suspend", "own"),
+    (["--teachers", "a", "b", "--students", "c", "d", "--recipe", "official"], "suspend", "own"),
+    (["--topology", "1T2S", "--recipe", "official", "--paused-teacher", "suspend", "--pair-epsilon", "own"],
+     "suspend", "own"),
+    (["--topology", "2T1S", "--paused-teacher", "zero-step", "--pair-epsilon", "other-pair"],
+     "zero-step", "other-pair"),
+])
+def test_released_script_defaults(argv, paused_teacher, pair_epsilon):
+    args = train_multi.parse_args(argv)
+    assert (args.paused_teacher, args.pair_epsilon, args.switch_rule) == (paused_teacher, pair_epsilon, "text")
+
+
+def test_other_pair_epsilon_needs_two_pairs(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_multi.parse_args(["--teachers", "a", "--students", "b", "--pair-epsilon", "other-pair"])
+    assert e.value.code == 2 and "two teacher-student pairs" in capsys.readouterr().err
+
+
+def test_epsilon_sources():
+    stats = torch.tensor([[0.9, 1.2, 0.4], [0.3, 0.5, 0.7]])
+    assert torch.equal(train_multi.epsilon_sources(stats, "own"), stats)
+    assert torch.equal(train_multi.epsilon_sources(stats, "other-pair"), stats[[1, 1]])
 
 
 @pytest.mark.parametrize("argv", [[], ["--teachers", "wrn_16_1"], ["--students", "resnet20"]])
-def test_missing_networks_rejected(argv):
-    with pytest.raises(utils.UsageError, match="--topology"):
+def test_missing_networks_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as e:
         train_multi.parse_args(argv)
+    assert e.value.code == 2 and "--topology" in capsys.readouterr().err
 
 
 def test_unknown_network_rejected(tmp_path):
@@ -157,27 +190,34 @@ def test_unknown_network_rejected(tmp_path):
 
 # --------------------------------------------------------------------------- runs with scripted modes
 
-def scripted_modes(monkeypatch, module, modes, pairs_per_iteration, snapshots=None):
-    """Replace ``module.switch_decision``: the real G and delta, the mode from ``modes``.
+def scripted_modes(monkeypatch, module, modes, snapshots=None):
+    """Replace ``module.switching_decision``: the real delta, the modes from ``modes``.
 
-    ``modes[i]`` holds iteration i's expert flag of each pair. When ``snapshots`` is a list,
-    the parameters and optimiser states of every network are copied into it at the first
-    decision of each iteration, i.e. after the previous iteration's step.
+    ``modes[i]`` holds iteration i's expert flag of each pair (one decision of every pair per
+    iteration). When ``snapshots`` is a list, the parameters and optimiser states of every
+    network are copied into it at the start of each ``module.train_step``, i.e. after the
+    previous iteration's step.
     """
     calls = itertools.count()
 
-    def decide(run, args, z_s, z_t, targets):
-        call = next(calls)
-        iteration, pair = divmod(call, pairs_per_iteration)
-        if snapshots is not None and pair == 0:
-            snapshots.append(network_states(run))
-        return (*REAL_DECISION(run, args, z_s, z_t, targets)[:-1], modes[iteration][pair])
-    monkeypatch.setattr(module, "switch_decision", decide)
+    def decide(stats, *args, **kwargs):
+        delta, expert = REAL_DECISION(stats, *args, **kwargs)
+        scripted = torch.tensor(modes[next(calls)], device=expert.device)
+        assert scripted.numel() == expert.numel()
+        return delta, scripted.reshape(expert.shape)
+    monkeypatch.setattr(module, "switching_decision", decide)
+    if snapshots is not None:
+        step = module.train_step
+
+        def snapshot_then_step(nets, optimizers, *args, **kwargs):
+            snapshots.append(network_states(nets, optimizers))
+            return step(nets, optimizers, *args, **kwargs)
+        monkeypatch.setattr(module, "train_step", snapshot_then_step)
 
 
-def network_states(run):
-    return {role: ({k: v.detach().clone() for k, v in run.modules[role].named_parameters()},
-                   clone_state(run.optimizers[role].state_dict()["state"])) for role in run.modules}
+def network_states(nets, optimizers):
+    return {role: ({k: v.detach().clone() for k, v in nets[role].named_parameters()},
+                   clone_state(optimizers[role].state_dict()["state"])) for role in nets}
 
 
 def clone_state(obj):
@@ -214,9 +254,9 @@ def final_states(run_dir, roles):
 def test_one_teacher_one_student_takes_the_same_steps_as_switokd(tmp_path, monkeypatch):
     modes = [(False,), (True,), (True,), (False,)]  # both modes, both transitions
     nets = ["--student", "resnet20", "--teacher", "wrn_16_1"]
-    scripted_modes(monkeypatch, train_switokd, modes, 1)
+    scripted_modes(monkeypatch, train_switokd, modes)
     train_switokd.main(tiny(tmp_path, *nets))
-    scripted_modes(monkeypatch, train_multi, modes, 1)
+    scripted_modes(monkeypatch, train_multi, modes)
     results = train_multi.main(tiny(tmp_path, "--students", "resnet20", "--teachers", "wrn_16_1"))
 
     ours = torch.load(tmp_path / "switokd_multi" / "r" / "last.pt", weights_only=False)
@@ -229,6 +269,17 @@ def test_one_teacher_one_student_takes_the_same_steps_as_switokd(tmp_path, monke
         assert same(ours["optimizers"][role], theirs["optimizers"][role])
     assert results["expert_fraction"] == {"teacher-student": 0.5}
     assert results["paused_fraction"] == {"teacher": 0.5}
+    # the same trace, column for column
+    ours = np.load(tmp_path / "switokd_multi" / "r" / "switching.npz")
+    theirs = np.load(tmp_path / "switokd" / "r" / "switching.npz")
+    assert ours["expert"].tolist() == [[0], [1], [1], [0]] and theirs["expert"].tolist() == [0, 1, 1, 0]
+    for key in ("G", "delta", "ps_y", "pt_y"):
+        np.testing.assert_array_equal(ours[key][:, 0], theirs[key], err_msg=key)
+    student, teacher = results["trace_columns"]["networks"].index(S), results["trace_columns"]["networks"].index(T)
+    for key in ("ce", "kl"):
+        np.testing.assert_array_equal(ours[key][:, student], theirs[f"student_{key}"], err_msg=key)
+        np.testing.assert_array_equal(ours[key][:, teacher][~theirs["expert"].astype(bool)],
+                                      theirs[f"teacher_{key}"][~theirs["expert"].astype(bool)], err_msg=key)
 
 
 @pytest.mark.parametrize("teachers, students, modes, moved", [
@@ -243,8 +294,7 @@ def test_one_teacher_one_student_takes_the_same_steps_as_switokd(tmp_path, monke
 ])
 def test_teachers_pause_as_their_pairs_say(tmp_path, monkeypatch, teachers, students, modes, moved):
     snapshots = []
-    pairs = len(teachers) * len(students)
-    scripted_modes(monkeypatch, train_multi, modes, pairs, snapshots)
+    scripted_modes(monkeypatch, train_multi, modes, snapshots)
     results = train_multi.main(tiny(tmp_path, "--teachers", *teachers, "--students", *students))
     roles = list(results["networks"])
     snapshots.append(final_states(tmp_path / "switokd_multi" / "r", roles))
@@ -269,9 +319,10 @@ def test_teachers_pause_as_their_pairs_say(tmp_path, monkeypatch, teachers, stud
 def test_official_zero_step_moves_a_paused_teacher(tmp_path, monkeypatch):
     snapshots = []
     modes = [(False, False), (True, True)]
-    scripted_modes(monkeypatch, train_multi, modes, 2, snapshots)
+    scripted_modes(monkeypatch, train_multi, modes, snapshots)
     train_multi.main(tiny(tmp_path, "--teachers", "wrn_16_1", "--students", "resnet20", "resnet20",
                           "--paused-teacher", "zero-step", iterations=2))
+    assert len(snapshots) == 2
     params_before, opt_before = snapshots[1][T1]
     params_after, opt_after = final_states(tmp_path / "switokd_multi" / "r", [T1])[T1]
     assert not same(params_before, params_after)  # weight decay and Adam's moments still move it
@@ -321,15 +372,27 @@ def test_1t2s_end_to_end(tmp_path):
 
 
 def test_2t1s_end_to_end_with_the_official_recipe(tmp_path):
-    results = train_multi.main(tiny(tmp_path, "--teachers", "wrn_16_1", "resnet20", "--students", "resnet20",
+    results = train_multi.main(tiny(tmp_path, "--teachers", "wrn_16_1", "resnet20", "--students", "mobilenet",
                                     "--recipe", "official", iterations=2))
     run_dir = tmp_path / "switokd_multi" / "r"
     on_disk = check_run_directory(run_dir, results, [S1, T1, T2],
                                   ["teacher1-student1", "teacher2-student1"], [T1, T2], 1, 2)
-    assert on_disk["topology"] == "2T1S" and on_disk["switching"]["switch_rule"] == "official"
-    # The released 2T1S script: teachers SGD lr 0.1, the student Adam lr 0.01.
+    assert on_disk["topology"] == "2T1S"
+    assert {k: on_disk["switching"][k] for k in ("switch_rule", "paused_teacher", "pair_epsilon")} == \
+        {"switch_rule": "text", "paused_teacher": "suspend", "pair_epsilon": "other-pair"}
+    # The released 2T1S script: teachers SGD lr 0.1, the MobileNet student Adam lr 0.01 (re-drawn weights).
     groups = {role: o["param_groups"][0] for role, o in torch.load(run_dir / "last.pt", weights_only=False)
               ["optimizers"].items()}
     for role in (T1, T2):
         assert groups[role]["initial_lr"] == 0.1 and "nesterov" in groups[role]
+        assert on_disk["networks"][role]["optimizer"] == "sgd" and on_disk["networks"][role]["lr"] == 0.1
     assert groups[S1]["initial_lr"] == 0.01 and "amsgrad" in groups[S1]
+    assert (on_disk["networks"][S1]["optimizer"], on_disk["networks"][S1]["script_init"]) == ("adam", "official")
+    assert all(n["lr_drop"] == "start" and n["variant"] == "official" for n in on_disk["networks"].values())
+    # the first pair's epsilon comes from the second pair's distances
+    trace = np.load(run_dir / "switching.npz")
+    d_s, d_t = trace["ps_y"], trace["pt_y"]
+    expected = d_s[:, 0] - np.exp(-d_t[:, 1] / (d_s[:, 1] + d_t[:, 1])) * d_t[:, 0]
+    np.testing.assert_allclose(trace["delta"][:, 0], expected, rtol=1e-5)
+    np.testing.assert_allclose(trace["delta"][:, 1], d_s[:, 1] - np.exp(-d_t[:, 1] / (d_s[:, 1] + d_t[:, 1]))
+                               * d_t[:, 1], rtol=1e-5)
