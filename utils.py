@@ -340,6 +340,15 @@ OFFICIAL_RECIPES = {
 CIFAR-100 keys by role; the three-network scripts key by network (their two students train
 differently); the ImageNet script counts epochs from 0, so its drops fall after epoch m."""
 
+RELEASED_SCRIPTS = {
+    ("switokd", "cifar10"): {"wrn_16_1", "wrn_16_8"},
+    ("switokd", "cifar100"): {"mobilenetv2_0.5", "wrn_16_2"},
+    ("switokd", "tinyimagenet"): {"mobilenetv2_1.4", "resnet34"},
+    ("switokd", "imagenet"): {"resnet18", "resnet34"},
+    ("switokd_multi", "cifar100"): {"wrn_16_10", "wrn_16_2", "mobilenet"},
+}
+"""The (method, dataset): networks that a released script trains; ``--recipe official`` extrapolates the rest."""
+
 OKDDIP_RECIPES = {dataset: {"*": Recipe("sgd", 0.1, 5e-4, (150, 225), 300, nesterov=True, test_batch_size=128,
                                         lr_drop="start", variant="okddip")}
                   for dataset in ("cifar10", "cifar100")}
@@ -1179,6 +1188,11 @@ class Run:
                            f", amp {args.amp or 'off'}{', channels_last' if args.channels_last else ''}"
                            f"{', compile ' + args.compile if args.compile else ''}; recipe {args.recipe}, "
                            f"{args.epochs} epochs, LR drops {args.lr_drop} milestone epochs")
+        if args.recipe == "official" and RELEASED_SCRIPTS.get((self.method, args.dataset)) != set(
+                self.architectures.values()):
+            source = "CIFAR-100" if args.dataset in OFFLINE_SETS else args.dataset
+            self.console.print(f"  note: no released script trains this; --recipe official extrapolates from the "
+                               f"released {source} script (docs/FIDELITY.md)")
         for role, module in self.modules.items():
             s = self.settings[role]
             arch = f"{s['arch']} ({s['variant']})" if "arch" in s else type(module).__name__
