@@ -24,7 +24,10 @@ run "$seed" "$pair" train_switokd.py --dataset imagenet --student resnet18 --tea
 launch
 
 images=(--images 100 --show 3)
-[[ "$SMOKE" == 1 ]] && images=(--images 8 --show 2)
+if [[ "$SMOKE" == 1 ]]; then  # tiny networks: one thread is faster, as for the smoke runs
+  images=(--images 8 --show 2)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
 after_runs "${PYTHON:-python}" "$SCRIPTS_DIR/plot_fig6.py" \
   "$(rundir switokd "$pair-seed$seed")" "$(rundir dml "$pair-seed$seed")" "$(rundir kdcl "$pair-seed$seed")" \
   --vanilla "$(rundir vanilla "imagenet-resnet18-seed$seed")" "$(rundir vanilla "imagenet-resnet34-seed$seed")" \

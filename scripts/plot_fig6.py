@@ -92,14 +92,15 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: torch.Tensor, targets: 
             x, y = images[start:start + batch], targets[start:start + batch]
             attribution = cam.attribute(x, target=y, relu_attributions=True).detach()
             maps.append(LayerAttribution.interpolate(attribution, tuple(x.shape[-2:]), "bilinear")[:, 0])
-    maps = torch.cat(maps).clamp_min(0).cpu().numpy().astype(np.float64)
+    maps = torch.cat(maps).clamp_min(0).float().cpu().numpy()
     peak = maps.reshape(len(maps), -1).max(axis=1)
     return maps / np.where(peak > 0, peak, 1)[:, None, None]
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     """Pearson correlation of two maps; None when one of them is constant (e.g. zero everywhere)."""
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
     norm = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / norm) if norm > 0 else None
 
@@ -213,7 +214,8 @@ def draw(report: dict, pictures: np.ndarray, maps: dict, show: int, output: Path
 
     methods = list(report["methods"])
     rows = [(i, m) for i in range(min(show, len(pictures))) for m in methods]
-    top = 1.3  # inches above the first row: title and column headers
+    missing = any(v is None for e in report["methods"].values() for v in e["correlation"] + e["iou"])
+    top = 1.3 + 0.2 * missing  # inches above the first row: title and column headers
     fig = plt.figure(figsize=(14, 2.7 * len(rows) + top))
     headers = ["image", "(a) teacher: heat map", "(a) student: heat map",
                "(b) teacher: 3D surface", "(b) student: 3D surface"]
@@ -244,7 +246,8 @@ def draw(report: dict, pictures: np.ndarray, maps: dict, show: int, output: Path
     first = report["methods"][methods[0]]
     fig.suptitle(f"Grad-CAM of the true class at the last convolutional stage, {report['dataset']} test images; "
                  f"T: {pretty(first['teacher']['arch'])}, S: {pretty(first['student']['arch'])}\n"
-                 f"teacher-student agreement, mean r / IoU over {len(report['images'])} images: {means}",
+                 f"teacher-student agreement, mean r / IoU over {len(report['images'])} image{'s' * (len(report['images']) != 1)}: {means}"
+                 + ("\n(n/a: a map is zero everywhere, no positive evidence for the class)" if missing else ""),
                  fontsize=11, y=1 - 0.2 / fig.get_figheight())
     fig.subplots_adjust(left=0.05, right=0.98, top=1 - top / fig.get_figheight(), bottom=0.02, hspace=0.45,
                         wspace=0.12)
@@ -296,18 +299,19 @@ def main(argv=None) -> int:
               "score": f"per method, over the images: mean Pearson correlation r of the teacher's and the "
                        f"student's Grad-CAM maps, and mean IoU of their regions >= {HOT} of the maximum",
               "methods": {}}
-    maps = {}
+    maps = {}  # the maps of the images shown
     for label, pair in pairs.items():
-        entry, maps[label] = {}, {}
+        entry, cams = {}, {}
         for role in ROLES:
             net = pair[role]
             name, layer = last_conv_stage(net, data.image_size)
-            maps[label][role] = grad_cam(net, layer, images, labels)
+            cams[role] = grad_cam(net, layer, images, labels)
             with torch.no_grad():
                 predicted = net(images).argmax(1).tolist()
             entry[role] = {"arch": net.checkpoint["arch"], "layer": name, "run": str(net.run_dir),
                            "checkpoint": net.checkpoint["file"], "predicted": predicted}
-        pairs_of_maps = list(zip(maps[label]["teacher"], maps[label]["student"]))
+        maps[label] = {role: cams[role][:args.show] for role in ROLES}
+        pairs_of_maps = list(zip(cams["teacher"], cams["student"]))
         entry["correlation"] = [correlation(t, s) for t, s in pairs_of_maps]
         entry["iou"] = [iou(t, s) for t, s in pairs_of_maps]
         entry["mean_correlation"], entry["mean_iou"] = mean(entry["correlation"]), mean(entry["iou"])

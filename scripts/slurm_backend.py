@@ -66,10 +66,12 @@ class SlurmError(Exception):
 
 # --------------------------------------------------------------------------- the job
 
-def _ignore_usr2() -> None:
+def _child_signals() -> None:
     """In the training process, before exec: Slurm's time-limit warning (SIGUSR2, sent to every process
-    of the job) is for submitit; the training is stopped by :meth:`TrainingJob.stop` instead."""
+    of the job) is for submitit; the training is stopped by :meth:`TrainingJob.stop`'s Ctrl-C, which it
+    must not inherit as ignored (as a background job of a shell would)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_lock(run_dir: Path, patience_s: float = LOCK_WAIT_S, poll_s: float = 5.0) -> bool:
@@ -120,7 +122,7 @@ class TrainingJob(submitit.helpers.Checkpointable if submitit else object):
             f.write(f"$ {shlex.join(['python', *cmd])}    # job {job} on {os.uname().nodename}\n")
             f.flush()
             self._process = subprocess.Popen(self.launcher + cmd, stdout=f, stderr=subprocess.STDOUT,
-                                             preexec_fn=_ignore_usr2)
+                                             preexec_fn=_child_signals)
             code = self._process.wait()
         self._process = None
         print(f"exit status {code}", flush=True)

@@ -19,11 +19,20 @@ import utils  # noqa: E402
 from models.okddip_backbones import CIFAR_BACKBONES, IMAGENET_BACKBONES  # noqa: E402
 
 ZOO = ([(name, 32, "paper") for name in models.names()]
-       + [(name, 32, "official") for name in ("resnet20", "resnet34", "wrn_16_2", "wrn_40_2", "mobilenetv2_0.5")]
+       + [(name, 32, "official") for name in ("resnet20", "resnet34", "wrn_16_2")]  # other layouts; the rest: init
        + [(name, 32, "okddip") for name in CIFAR_BACKBONES]
        + [(name, 224, "okddip") for name in IMAGENET_BACKBONES]
        + [(name, 224, "paper") for name in ("resnet18", "resnet34", "mobilenetv2", "mobilenetv2_0.5")]
        + [("mobilenet", 64, "paper"), ("resnet20", 64, "paper")])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny batches: one thread is faster on a busy machine (as the launcher's smoke runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def classifier_input(model, layer, image_size):
@@ -56,8 +65,8 @@ def test_last_conv_stage_of_every_zoo_network(name, size, variant):
     assert height * width > 1 and height <= size // 4
     if name in ("resnet18", "resnet34") and size == 224:  # torchvision's
         assert layer_name == "layer4"
-    maps = plot_fig6.grad_cam(model, layer, torch.randn(2, 3, size, size), torch.tensor([1, 2]))
-    assert maps.shape == (2, size, size) and np.isfinite(maps).all()
+    maps = plot_fig6.grad_cam(model, layer, torch.randn(1, 3, size, size), torch.tensor([1]))
+    assert maps.shape == (1, size, size) and np.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1 + 1e-9
 
 
