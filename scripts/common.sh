@@ -92,7 +92,8 @@ setup() {
   if ((${#SLURM[@]})); then
     [[ " ${SLURM[*]} " == *" --slurm "* || " ${SLURM[*]} " == *" --slurm-local "* ]] ||
       die "${SLURM[0]} needs --slurm"
-    [[ -z "$GPUS" && -z "$NGPUS" ]] || die "--gpus and --ngpus choose GPUs of this machine; with --slurm, use --gpus-per-run"
+    [[ -z "$GPUS" && -z "$NGPUS" ]] ||
+      die "--gpus and --ngpus choose GPUs of this machine; with --slurm, use --gpus-per-run"
     if [[ "$GPUS_PER_RUN" == all ]]; then
       [[ "$SMOKE" == 1 ]] || die "with --slurm, say how many GPUs each job gets: --gpus-per-run N"
       GPUS_PER_RUN=1

@@ -242,11 +242,13 @@ def draw(report: dict, pictures: np.ndarray, maps: dict, show: int, output: Path
             for ax, header in zip(axes, headers):
                 write = getattr(ax, "text2D", ax.text)  # 3D axes place 2D text with text2D
                 write(0.5, 1.2, header, transform=ax.transAxes, ha="center", fontsize=10, weight="bold")
-    means = ", ".join(f"{m} {fmt(e['mean_correlation'])} / {fmt(e['mean_iou'])}" for m, e in report["methods"].items())
+    means = ", ".join(f"{m} {fmt(e['mean_correlation'])} / {fmt(e['mean_iou'])}"
+                      for m, e in report["methods"].items())
     first = report["methods"][methods[0]]
+    n = len(report["images"])
     fig.suptitle(f"Grad-CAM of the true class at the last convolutional stage, {report['dataset']} test images; "
                  f"T: {pretty(first['teacher']['arch'])}, S: {pretty(first['student']['arch'])}\n"
-                 f"teacher-student agreement, mean r / IoU over {len(report['images'])} image{'s' * (len(report['images']) != 1)}: {means}"
+                 f"teacher-student agreement, mean r / IoU over {n} image{'s' * (n != 1)}: {means}"
                  + ("\n(n/a: a map is zero everywhere, no positive evidence for the class)" if missing else ""),
                  fontsize=11, y=1 - 0.2 / fig.get_figheight())
     fig.subplots_adjust(left=0.05, right=0.98, top=1 - top / fig.get_figheight(), bottom=0.02, hspace=0.45,

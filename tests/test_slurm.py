@@ -181,3 +181,28 @@ def test_runs_still_queued_are_waited_for_not_resubmitted(tmp_path, monkeypatch,
     assert "queued already as job 123_4: exp/vanilla/a-seed0" in capsys.readouterr().out
     monkeypatch.setattr(slurm_backend, "slurm_state", lambda job_id, folder: "TIMEOUT")
     assert slurm_backend.queued(job, opts) is None
+
+
+def test_failed_jobs_are_reported_with_their_logs(tmp_path, capsys):
+    class Handle:  # a finished submitit job
+        def __init__(self, result):
+            self.outcome, self.job_id = result, "7_1"
+            self.paths = SimpleNamespace(stderr=tmp_path / "7_1_0_log.err")
+
+        def done(self):
+            return True
+
+        def result(self):
+            if isinstance(self.outcome, Exception):
+                raise self.outcome
+            return self.outcome
+
+    jobs = [launch.Job("exp", f"{name}-seed0", "train_vanilla.py", []) for name in ("ok", "bad", "lost")]
+    handles = [Handle(0), Handle(3), Handle(RuntimeError("Job 7_1 was not completed\nCANCELLED by 42"))]
+    failures = []
+    slurm_backend.wait(list(zip(jobs, handles)), SimpleNamespace(out=tmp_path), launch, failures, poll_s=0)
+    assert [(job.name, code) for job, code, _ in failures] == [
+        ("bad-seed0", 3), ("lost-seed0", f"job 7_1 failed: CANCELLED by 42 (see {tmp_path}/7_1_0_log.err)")]
+    out = capsys.readouterr().out
+    assert "] done  exp/vanilla/ok-seed0" in out
+    assert f"FAILED exp/vanilla/bad-seed0 (exit 3); see {tmp_path}/exp/logs/vanilla-bad-seed0.log" in out
