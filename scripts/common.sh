@@ -15,8 +15,10 @@
 #
 # `run SEED NAME SCRIPT FLAGS...` adds one run named NAME-seedSEED with --seed SEED;
 # scripts/launch.py then skips it if finished, resumes it if interrupted, and runs the
-# independent runs in parallel, one per GPU. Every script accepts the options below
-# (environment variables in brackets); everything after `--` is added to every run.
+# independent runs in parallel, one per GPU (or, with --slurm, one Slurm job each). Every
+# script accepts the options below (environment variables in brackets); everything after
+# `--` is added to every run. `after_runs CMD...` after `launch` runs CMD over the finished
+# runs (a figure script's plot).
 
 usage() {
   cat <<EOF
@@ -34,8 +36,19 @@ usage: $(basename "$0") [options] [-- extra training flags]
   --dry-run            print the commands, run nothing              [DRY_RUN=1]
   -h, --help           this help
 
+Slurm (through submitit: one job per run, a job array per phase; see README):
+  --slurm              submit the runs as Slurm jobs; this script waits for them
+  --partition NAME     the jobs' partition
+  --time LIMIT         time limit per job: minutes, HH:MM:SS or D-HH:MM:SS; a job that
+                       reaches it is requeued and resumes from last.pt (default 1440)
+  --account NAME       the account to charge
+  --sbatch "FLAGS"     more sbatch flags, e.g. "--qos=high --cpus-per-task=8 --mem=64G"
+  --slurm-local        the same jobs through submitit's local executor, on this machine
+  GPUs per job: --gpus-per-run. --dry-run prints the sbatch header and each job's command.
+
 Finished runs (results.json) are skipped; interrupted ones (last.pt) resume.
-Logs: OUT/<experiment>/logs/. Summary: python scripts/summarize.py OUT
+Logs: OUT/<experiment>/logs/ (Slurm's: OUT/<experiment>/logs/slurm/).
+Summary: python scripts/summarize.py OUT
 EOF
 }
 
@@ -48,6 +61,7 @@ setup() {
   DATA_ROOT="${DATA_ROOT:-}" OUT="${OUT:-runs}" SEEDS="${SEEDS:-$DEFAULT_SEEDS}"
   GPUS="${GPUS:-}" NGPUS="${NGPUS:-}" GPUS_PER_RUN="${GPUS_PER_RUN:-$DEFAULT_GPUS_PER_RUN}"
   EPOCHS="${EPOCHS:-}" SMOKE="${SMOKE:-0}" DRY_RUN="${DRY_RUN:-0}" EXTRA=()
+  SLURM=() # launch.py's Slurm options, as given
   while (($#)); do
     case "$1" in
       --data-root|--out|--seeds|--gpus|--ngpus|--gpus-per-run|--epochs)
@@ -58,6 +72,11 @@ setup() {
           --epochs) EPOCHS="$2" ;;
         esac
         shift 2 ;;
+      --partition|--time|--account|--sbatch)
+        (($# >= 2)) || die "$1 needs a value"
+        SLURM+=("$1" "$2")
+        shift 2 ;;
+      --slurm|--slurm-local) SLURM+=("$1"); shift ;;
       --smoke) SMOKE=1; shift ;;
       --dry-run) DRY_RUN=1; shift ;;
       -h|--help) usage; exit 0 ;;
@@ -69,6 +88,16 @@ setup() {
   if [[ -n "$NGPUS" ]]; then
     [[ "$NGPUS" =~ ^[1-9][0-9]*$ ]] || die "--ngpus must be a positive integer, got '$NGPUS'"
     GPUS="$(seq -s ' ' 0 $((NGPUS - 1)))"
+  fi
+  if ((${#SLURM[@]})); then
+    [[ " ${SLURM[*]} " == *" --slurm "* || " ${SLURM[*]} " == *" --slurm-local "* ]] ||
+      die "${SLURM[0]} needs --slurm"
+    [[ -z "$GPUS" && -z "$NGPUS" ]] ||
+      die "--gpus and --ngpus choose GPUs of this machine; with --slurm, use --gpus-per-run"
+    if [[ "$GPUS_PER_RUN" == all ]]; then
+      [[ "$SMOKE" == 1 ]] || die "with --slurm, say how many GPUs each job gets: --gpus-per-run N"
+      GPUS_PER_RUN=1
+    fi
   fi
   if [[ "$GPUS_PER_RUN" == all ]]; then  # every GPU given, visible or present; 1 without GPUs
     local visible="${CUDA_VISIBLE_DEVICES:-}"
@@ -118,7 +147,23 @@ launch() {
   [[ -n "$DATA_ROOT" ]] && args+=(--data-root "$DATA_ROOT")
   [[ -n "$GPUS" ]] && args+=(--gpus "$GPUS")
   [[ -n "$EPOCHS" ]] && args+=(--epochs "$EPOCHS")
-  [[ "$SMOKE" == 1 ]] && args+=(--smoke --in-process)
+  if [[ "$SMOKE" == 1 ]]; then
+    args+=(--smoke)
+    ((${#SLURM[@]})) || args+=(--in-process)
+  fi
   [[ "$DRY_RUN" == 1 ]] && args+=(--dry-run)
-  "${PYTHON:-python}" "$SCRIPTS_DIR/launch.py" "$PLAN" "${args[@]}" -- "${EXTRA[@]}"
+  "${PYTHON:-python}" "$SCRIPTS_DIR/launch.py" "$PLAN" "${args[@]}" "${SLURM[@]}" -- "${EXTRA[@]}"
+}
+
+# after_runs CMD...: after `launch`, run CMD over the finished runs (e.g. a figure); --dry-run
+# prints it; with PLAN_SINK it is skipped (scripts/smoke_all.sh calls the script again later).
+after_runs() {
+  [[ -z "${PLAN_SINK:-}" ]] || return 0
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "# then, over the finished runs:"
+    printf '%q ' "$@" | sed 's/ $//'
+    echo
+    return 0
+  fi
+  "$@"
 }

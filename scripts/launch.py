@@ -16,6 +16,13 @@ Runs between two barriers are independent and run in parallel, one per GPU slot
 (``CUDA_VISIBLE_DEVICES``; a slot of several GPUs runs the script under torchrun);
 a barrier waits for every run before it (e.g. KD waits for its pretrained teacher).
 Each run's output goes to ``<out>/<experiment>/logs/<method>-<run-name>.log``.
+A run listed twice with the same flags (a figure script that names the runs of a table
+it reads) runs once; listed twice with other flags, it is an error.
+
+``--slurm`` submits the runs as Slurm jobs instead, one per run, a job array per phase,
+through submitit, with the same semantics (scripts/slurm_backend.py): ``--partition``,
+``--time``, ``--account``, ``--sbatch`` and ``--gpus-per-run`` say what each job asks for;
+``--slurm-local`` runs those jobs through submitit's local executor on this machine.
 
 ``--smoke`` turns every run into a tiny one on the same code path: ``digits`` data,
 16 training and 16 test images, batch 8, one epoch, CPU, every network replaced by a
@@ -90,8 +97,9 @@ class Job:
 # --------------------------------------------------------------------------- the plan
 
 def read_plan(text: str) -> list[list[Job]]:
-    """The plan's runs, split at barriers into phases of independent runs."""
+    """The plan's runs, split at barriers into phases of independent runs; a run listed again is dropped."""
     phases: list[list[Job]] = [[]]
+    seen: dict[tuple, tuple] = {}  # (experiment, method, name) -> (line number, flags)
     for number, line in enumerate(text.splitlines(), 1):
         words = shlex.split(line)
         if not words:
@@ -103,7 +111,15 @@ def read_plan(text: str) -> list[list[Job]]:
             if script not in METHODS:
                 raise PlanError(f"plan line {number}: unknown training script {words[3]!r}; "
                                 f"accepted: {', '.join(METHODS)}")
-            phases[-1].append(Job(experiment, name, script, flags))
+            job = Job(experiment, name, script, flags)
+            key = (experiment, job.method, name)
+            if key in seen:
+                if seen[key][1] != flags:
+                    raise PlanError(f"plan line {number}: run {'/'.join(key)} of line {seen[key][0]} again, "
+                                    f"with other flags: {shlex.join(flags)} (was {shlex.join(seen[key][1])})")
+                continue
+            seen[key] = (number, flags)
+            phases[-1].append(job)
         else:
             raise PlanError(f"plan line {number}: expected 'run EXPERIMENT NAME SCRIPT FLAGS...' "
                             f"or 'barrier', got {line!r}")
@@ -284,13 +300,18 @@ def start(job: Job, opts, slot):
     return cmd, log
 
 
-def report(job: Job, code: int, log: Path, failures: list) -> None:
+def report(job: Job, code: int | str, log: Path, failures: list) -> None:
+    """Print how a run ended (``code``: its exit status, or why its Slurm job failed) and collect failures."""
     if code == 0:
         print(f"[{time.strftime('%H:%M:%S')}] done  {job.experiment}/{job.method}/{job.name}", flush=True)
     else:
         failures.append((job, code, log))
         print(f"[{time.strftime('%H:%M:%S')}] FAILED {job.experiment}/{job.method}/{job.name} "
-              f"(exit {code}); see {log}", flush=True)
+              f"({exit_text(code)}); see {log}", flush=True)
+
+
+def exit_text(code: int | str) -> str:
+    return code if isinstance(code, str) else f"exit {code}"
 
 
 def dry_run(phases, opts, slots) -> None:
@@ -327,7 +348,17 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny runs on the same code path (see above)")
     p.add_argument("--in-process", action="store_true", help="run the commands inside this process, in turn")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    g = p.add_argument_group("Slurm (scripts/slurm_backend.py)")
+    g.add_argument("--slurm", action="store_true", help="submit every run as a Slurm job, through submitit")
+    g.add_argument("--slurm-local", action="store_true",
+                   help="the same jobs through submitit's local executor, on this machine (implies --slurm)")
+    g.add_argument("--partition", help="the jobs' Slurm partition")
+    g.add_argument("--time", default="1440", help="time limit of a job: minutes, HH:MM:SS or D-HH:MM:SS; "
+                                                 "a job that reaches it is requeued and resumes (default: 24 h)")
+    g.add_argument("--account", help="the Slurm account to charge")
+    g.add_argument("--sbatch", metavar="FLAGS", help="more sbatch flags, e.g. '--qos=high --cpus-per-task=8'")
     p.usage = "%(prog)s plan [options] [-- flags added to every run]"
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, as every tool here
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = p.parse_args(argv[:len(argv) - len(extra) - ("--" in argv)])
@@ -336,18 +367,51 @@ def parse_args(argv=None):
         p.error(f"--gpus-per-run must be >= 1, got {opts.gpus_per_run}")
     if opts.epochs is not None and opts.epochs < 1:
         p.error(f"--epochs must be >= 1, got {opts.epochs}")
+    opts.slurm = opts.slurm or opts.slurm_local
+    if opts.slurm:
+        import slurm_backend
+        opts.out = opts.out.absolute()  # the jobs need not start where this launcher did
+        if opts.gpus is not None:
+            p.error("--gpus names GPUs of this machine; with --slurm, Slurm allocates them (--gpus-per-run)")
+        if opts.in_process:
+            p.error("--in-process and --slurm exclude each other")
+        try:
+            opts.time = slurm_backend.minutes(opts.time)
+            slurm_backend.sbatch_flags(opts.sbatch)
+        except slurm_backend.SlurmError as e:
+            p.error(str(e))
+    elif any(getattr(opts, k) is not None for k in ("partition", "account", "sbatch")):
+        p.error("--partition, --account and --sbatch need --slurm")
     return opts
+
+
+def slurm(phases, opts) -> int:
+    """The plan through the Slurm back end (scripts/slurm_backend.py)."""
+    import slurm_backend
+    if slurm_backend.submitit is None:
+        print("launch.py: error: --slurm needs submitit (pip install submitit)", file=sys.stderr)
+        return 2
+    if opts.dry_run:
+        slurm_backend.dry_run(phases, opts, sys.modules[__name__])
+        return 0
+    if opts.smoke:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGTERM, interrupt)
+    return slurm_backend.run(phases, opts, sys.modules[__name__])
 
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
     try:
         phases = read_plan(opts.plan.read_text())
-        gpus = opts.gpus.replace(",", " ").split() if opts.gpus is not None else visible_gpus()
-        slots = [None] if opts.smoke or opts.in_process else make_slots(gpus, opts.gpus_per_run)
+        if not opts.slurm:
+            gpus = opts.gpus.replace(",", " ").split() if opts.gpus is not None else visible_gpus()
+            slots = [None] if opts.smoke or opts.in_process else make_slots(gpus, opts.gpus_per_run)
     except (PlanError, OSError) as e:
         print(f"launch.py: error: {e}", file=sys.stderr)
         return 2
+    if opts.slurm:
+        return slurm(phases, opts)
     if opts.dry_run:
         dry_run(phases, opts, slots)
         return 0
@@ -365,7 +429,7 @@ def main(argv=None) -> int:
         print("interrupted; run the script again to resume", file=sys.stderr)
         return 130
     for job, code, log in failures:
-        print(f"failed (exit {code}): {job.run_dir(opts.out)}  log: {log}", file=sys.stderr)
+        print(f"failed ({exit_text(code)}): {job.run_dir(opts.out)}  log: {log}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -23,11 +23,12 @@ fail() { echo "smoke_all.sh: $*" >&2; exit 1; }
 
 plan="$OUT/smoke-plan.txt"
 : >"$plan"
-for script in table2_ablation table3_temperature table4_comparison table5_offline_kd table6_imagenet \
-              table7_three_networks fig1_fig5_capacity fig4_switching fig7_time; do
+scripts=(table2_ablation table3_temperature table4_comparison table5_offline_kd table6_imagenet
+         table7_three_networks fig1_fig5_capacity fig4_switching fig6_gradcam fig7_time)
+for script in "${scripts[@]}"; do
   PLAN_SINK="$plan" "scripts/$script.sh" || fail "scripts/$script.sh failed"
 done
-echo "== $(grep -c '^run ' "$plan") runs from 9 scripts"
+echo "== $(sort -u "$plan" | grep -c '^run ') runs from ${#scripts[@]} scripts"  # fig6 reads table6's runs
 "$PYTHON" scripts/launch.py "$plan" --out "$OUT" --smoke --in-process || fail "some runs failed (logs above)"
 
 echo "== summary and figures"
@@ -40,7 +41,8 @@ echo "== summary and figures"
   --output "$OUT/fig4e.png" || fail "plot_fig4.py (r ratio) failed"
 "$PYTHON" scripts/plot_fig5.py "$OUT" --output "$OUT/fig5.png" || fail "plot_fig5.py failed"
 "$PYTHON" scripts/plot_fig7.py "$OUT/fig7" --output "$OUT/fig7.png" || fail "plot_fig7.py failed"
-for f in summary.md summary.csv fig4.png fig4e.png fig5.png fig7.png; do
+scripts/fig6_gradcam.sh || fail "scripts/fig6_gradcam.sh failed"  # its runs are done: the plot only
+for f in summary.md summary.csv fig4.png fig4e.png fig5.png fig7.png fig6/fig6.png fig6/fig6.json; do
   [[ -s "$OUT/$f" ]] || fail "$OUT/$f is missing or empty"
 done
 echo "smoke_all.sh: everything passed in $((SECONDS - start)) s; output in $OUT"

@@ -22,7 +22,7 @@ import summarize  # noqa: E402
 
 EXPERIMENT_SCRIPTS = ["table2_ablation", "table3_temperature", "table4_comparison", "table5_offline_kd",
                       "table6_imagenet", "table7_three_networks", "fig1_fig5_capacity", "fig4_switching",
-                      "fig7_time"]
+                      "fig6_gradcam", "fig7_time"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,7 +49,7 @@ def test_smoke_all_runs_every_script_to_the_end(smoke):
     experiments = {line.split()[1] for line in runs}
     assert experiments == {"table2", "table3", "table4", "table5", "table6", "table7", "fig1", "fig4", "fig5", "fig7"}
     finished = list(smoke.rglob("results.json"))
-    assert len(finished) == len(runs) == 92
+    assert len(runs) == 97 and len(finished) == len(set(runs)) == 92  # fig6 lists 5 runs of table6 again
     assert not [p for p in smoke.rglob("last.pt") if not (p.parent / "results.json").is_file()]
     summary = (smoke / "summary.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. 4", "Fig. 1", "Fig. 5",
@@ -72,6 +72,34 @@ def test_figures_are_png_files(smoke):
     for name in ("fig4.png", "fig4e.png", "fig5.png", "fig7.png"):
         data = (smoke / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+
+
+def test_fig6_draws_and_scores_every_method(smoke):
+    """scripts/fig6_gradcam.sh --smoke: Grad-CAM of the Table 6 pair, SwitOKD against DML, KDCL, Vanilla."""
+    data = (smoke / "fig6" / "fig6.png").read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 50_000
+    report = json.loads((smoke / "fig6" / "fig6.json").read_text())
+    assert list(report["methods"]) == ["SwitOKD", "DML", "KDCL", "Vanilla"] and report["dataset"] == "digits"
+    assert len(report["images"]) == len(set(report["images"])) == len(report["labels"]) == 8
+    for method, entry in report["methods"].items():
+        assert entry["teacher"]["arch"] == entry["student"]["arch"] == "wrn_10_3"  # resnet34, resnet18 in smoke
+        assert entry["teacher"]["layer"] == "features.5" and len(entry["correlation"]) == len(entry["iou"]) == 8
+        assert "imagenet-resnet" in entry["teacher"]["run"] and "table6" in entry["student"]["run"]
+        scored = [v for v in entry["correlation"] if v is not None]
+        assert entry["scored"] == len(scored) and (entry["mean_correlation"] is None) == (not scored)
+        if scored:
+            assert entry["mean_correlation"] == pytest.approx(sum(scored) / len(scored))
+    assert report["methods"]["Vanilla"]["student"]["run"].endswith("vanilla/imagenet-resnet18-seed0")
+
+
+def test_fig6_lists_the_table6_runs_it_reads(tmp_path):
+    """fig6_gradcam.sh trains nothing of its own: its runs are Table 6's, with the same flags."""
+    plans = {}
+    for script in ("table6_imagenet", "fig6_gradcam"):
+        plans[script] = tmp_path / script
+        assert bash(f"{script}.sh", env={"PLAN_SINK": str(plans[script])}).returncode == 0
+    table6, fig6 = (set(plans[s].read_text().splitlines()) for s in ("table6_imagenet", "fig6_gradcam"))
+    assert len(fig6) == 5 and fig6 <= table6
 
 
 def test_plot_fig4_needs_a_switokd_run(smoke, tmp_path):
@@ -184,6 +212,28 @@ def test_launcher_rejects_a_bad_plan(tmp_path, capsys):
     plan.write_text("run exp a train_nothing.py --x\n")
     assert launch.main([str(plan)]) == 2
     assert "unknown training script 'train_nothing.py'" in capsys.readouterr().err
+
+
+def test_a_run_listed_twice_runs_once():
+    phases = launch.read_plan("run e a-seed0 train_vanilla.py --x 1\nbarrier\n"
+                              "run e a-seed0 train_vanilla.py --x 1\nrun e b-seed0 train_vanilla.py\n")
+    assert [[job.name for job in phase] for phase in phases] == [["a-seed0"], ["b-seed0"]]
+    with pytest.raises(launch.PlanError, match="plan line 2: run e/vanilla/a of line 1 again, with other flags"):
+        launch.read_plan("run e a train_vanilla.py --x 1\nrun e a train_vanilla.py --x 2\n")
+
+
+def test_fig6_dry_run_prints_the_plot_after_the_runs(tmp_path):
+    done = bash("fig6_gradcam.sh", "--dry-run", "--out", str(tmp_path), "--data-root", "/data", "--gpus", "0")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 7 and lines[5] == "# then, over the finished runs:"
+    assert all("--dataset imagenet" in line for line in lines[:5])
+    plot = lines[6]
+    assert "scripts/plot_fig6.py " in plot and plot.endswith(f"--output {tmp_path}/fig6/fig6.png")
+    assert f" {tmp_path}/table6/switokd/imagenet-resnet18-resnet34-seed0 " in plot
+    assert (f"--vanilla {tmp_path}/table6/vanilla/imagenet-resnet18-seed0 "
+            f"{tmp_path}/table6/vanilla/imagenet-resnet34-seed0") in plot and "--data-root /data" in plot
+    assert not tmp_path.joinpath("table6").exists()
 
 
 def test_smoke_flags_replace_values_and_models():
