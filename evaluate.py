@@ -48,7 +48,7 @@ def recorded_args(path: Path) -> dict:
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__.splitlines()[0])
+    p = utils.ArgumentParser(__doc__.splitlines()[0], usage="%(prog)s PATH [PATH ...] [options]")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run directories or checkpoint files")
     p.add_argument("--weights", default="best", choices=("best", "last"),
                    help="for a run directory: best_<role>.pt (the best epoch) or last.pt (the last epoch)")

@@ -113,6 +113,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, description, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [options]   (--help lists them)")
         super().__init__(description=description, allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
         self.network_dests: list[str] = []
         self._networks = None
