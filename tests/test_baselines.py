@@ -231,9 +231,9 @@ def test_held_out_error_gram_by_hand():
     nets = [nn.Sequential(nn.Flatten(), nn.Linear(12, 3)) for _ in range(2)]
     images, labels = torch.randn(10, 3, 2, 2), torch.randint(0, 3, (10,))
     loader = [(images[:6], labels[:6]), (images[6:], labels[6:])]
-    run = SimpleNamespace(autocast=nullcontext, data=SimpleNamespace(num_classes=3),
-                          device=torch.device("cpu"), all_reduce_mean=lambda t: t)
-    gram = held_out_error_gram(nets, loader, run)
+    nets[1].train()
+    gram = held_out_error_gram(nets, loader, utils.Precision(torch.device("cpu")))
+    assert nets[0].training and nets[1].training  # modes restored
     with torch.no_grad():
         e = [F.softmax(net(images), 1) - F.one_hot(labels, 3) for net in nets]
     expected = torch.tensor([[(e[i] * e[j]).sum().item() / 10 for j in range(2)] for i in range(2)])
@@ -254,12 +254,6 @@ def test_kdcl_loss_and_gradient_are_table1():
     torch.testing.assert_close(grad, closed / len(y))
 
 
-def fake_run(kind, bundle, batch=8):
-    train, test, _ = datasets.make_loaders(bundle, batch, batch, loader=kind, workers=0, seed=3)
-    return SimpleNamespace(data=bundle, args=SimpleNamespace(seed=3, workers=0), train_loader=train,
-                           test_loader=test, device=torch.device("cpu"), rank=0, world_size=1)
-
-
 def flip_only(bundle):
     """The bundle with crops of zero padding, so an augmentation is the image or its mirror."""
     images, labels = bundle.train_arrays
@@ -277,7 +271,9 @@ def test_views_are_independent_augmentations_of_the_same_images(kind):
         return [i for i, o in enumerate(originals)
                 if torch.allclose(image, o, atol=1e-5) or torch.allclose(image, o.flip(-1), atol=1e-5)]
 
-    train, held = train_kdcl.collaborative_loaders(fake_run(kind, bundle), views=3, holdout=10)
+    loaders = datasets.make_loaders(datasets.split_holdout(bundle, 10), 8, 8, loader=kind, workers=0, seed=3,
+                                    views=3)
+    train, held = loaders.train, loaders.holdout
     assert len(train) == 4                               # 40 images - 10 held out, 8 per batch
     train.set_epoch(1)
     seen, mirrored = set(), 0
@@ -297,15 +293,32 @@ def test_views_are_independent_augmentations_of_the_same_images(kind):
     assert len({i[0] for i in held_out}) == 10 and not seen & {i[0] for i in held_out}
 
 
-def test_one_view_is_the_standard_augmentation():
-    # --shared-augmentation: the collaborative loader with one view and no holdout is the run's own loader
-    run = fake_run("tensor", datasets.build("synthetic", train_subset=24, test_subset=8))
-    train, held = train_kdcl.collaborative_loaders(run, views=1, holdout=None)
-    assert held is None
-    for loader in (train, run.train_loader):
+@pytest.mark.parametrize("kind", ["tensor", "torch"])
+def test_one_view_is_the_standard_augmentation(kind):
+    # --shared-augmentation: one view and no holdout is the standard loader
+    bundle = datasets.build("synthetic", train_subset=24, test_subset=8)
+    one = datasets.make_loaders(bundle, 8, 8, loader=kind, workers=0, seed=3, views=1)
+    standard = datasets.make_loaders(bundle, 8, 8, loader=kind, workers=0, seed=3)
+    assert one.holdout is None and standard.holdout is None
+    for loader in (one.train, standard.train):
         loader.set_epoch(2)
-    for (x, y), (x_ref, y_ref) in zip(train, run.train_loader, strict=True):
+    for (x, y), (x_ref, y_ref) in zip(one.train, standard.train, strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_kdcl_asks_for_one_view_per_network(tmp_path, monkeypatch):
+    asked = []
+    make_loaders = datasets.make_loaders
+
+    def spy(bundle, *args, **kwargs):
+        asked.append((kwargs.get("views", 1), bundle.holdout is not None))
+        return make_loaders(bundle, *args, **kwargs)
+    monkeypatch.setattr(datasets, "make_loaders", spy)
+    three = ["--models", "resnet20", "wrn_16_1", "resnet20"]
+    general = [*PAIR, "--ensemble", "general"]
+    for name, flags in (("k", three), ("s", [*three, "--shared-augmentation"]), ("g", general)):
+        train_kdcl.main([*TINY, *flags, "--out", str(tmp_path), "--run-name", name])
+    assert asked == [(3, False), (1, False), (2, True)]
 
 
 def test_kdcl_end_to_end_general(tmp_path):
@@ -316,12 +329,33 @@ def test_kdcl_end_to_end_general(tmp_path):
     run_dir = next((tmp_path / "kdcl").iterdir())
     assert json.loads((run_dir / "results.json").read_text())["kdcl"]["augmentation"] == "per-network"
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"ensemble/w_student", "train/ensemble_ce", "train/teacher_kl", "test/student/top1"} <= row.keys()
+    assert {"ensemble/w_student", "train/ensemble_ce", "train/teacher/kl", "test/student/top1"} <= row.keys()
+    assert row["ensemble/w_student"] == pytest.approx(results["kdcl"]["general_weights"]["student"])
 
 
-def test_kdcl_rejects_holdout_without_general(tmp_path):
-    with pytest.raises(utils.UsageError, match="--holdout"):
+def test_kdcl_train_step_one_view_per_network():
+    # network k sees view k mod views; one backward of the summed KDCL losses against the MinLogit target
+    torch.manual_seed(1)
+    nets = {role: nn.Linear(6, 4) for role in ("student", "teacher")}
+    initial = copy.deepcopy(nets)
+    optimizers = {role: torch.optim.SGD(net.parameters(), lr=1.0) for role, net in nets.items()}
+    views, y = torch.randn(2, 5, 6), torch.randint(0, 4, (5,))
+    values = train_kdcl.train_step(nets, optimizers, views.flatten(0, 1), y, 2, "minlogit", None, 2.0, 1.0,
+                                   utils.Precision(torch.device("cpu")))
+    logits = [initial[role](views[k]) for k, role in enumerate(nets)]
+    z_m = min_logit_ensemble([z.detach() for z in logits], y)
+    assert values["ensemble_ce"].item() == pytest.approx(F.cross_entropy(z_m, y).item())
+    for k, role in enumerate(nets):
+        total, ce, kl_term = kdcl_loss(logits[k], z_m, y, 1.0, 2.0)
+        assert values[f"{role}/ce"].item() == pytest.approx(ce.item())
+        grad = torch.autograd.grad(total, initial[role].weight)[0]
+        torch.testing.assert_close(nets[role].weight.detach(), initial[role].weight.detach() - grad)
+
+
+def test_kdcl_rejects_holdout_without_general(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         train_kdcl.main([*TINY, *PAIR, "--holdout", "8", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--holdout" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- KD
@@ -352,8 +386,8 @@ def test_kd_end_to_end_keeps_the_teacher_fixed(tmp_path, teacher_dir, monkeypatc
     captured, load_teacher = {}, train_kd.load_teacher
 
     def capture(*args, **kwargs):
-        captured["teacher"], info = load_teacher(*args, **kwargs)
-        return captured["teacher"], info
+        captured["teacher"] = load_teacher(*args, **kwargs)
+        return captured["teacher"]
     monkeypatch.setattr(train_kd, "load_teacher", capture)
     results = train_kd.main([*TINY, "--student", "resnet20", "--teacher-ckpt", str(teacher_dir),
                              "--out", str(tmp_path), "--run-name", "kd"])
@@ -361,21 +395,35 @@ def test_kd_end_to_end_keeps_the_teacher_fixed(tmp_path, teacher_dir, monkeypatc
     after = captured["teacher"].state_dict()
     assert all(torch.equal(after[k], v) for k, v in saved["model"].items())
     assert not captured["teacher"].training
+    assert not any(p.requires_grad for p in captured["teacher"].parameters())
     assert list(results["networks"]) == ["student"]
     teacher = results["teacher"]
-    assert teacher["arch"] == "wrn_16_1" and teacher["checkpoint"].endswith("best_teacher.pt")
+    assert teacher["arch"] == "wrn_16_1" and teacher["file"].endswith("best_teacher.pt")
+    assert (teacher["dataset"], teacher["role"]) == ("synthetic", "teacher")
     assert teacher["test_top1"] == pytest.approx(saved["metrics"]["top1"])
     on_disk = json.loads((tmp_path / "kd" / "kd" / "results.json").read_text())
     assert on_disk["kd"] == {"alpha": 0.1, "tau": 3.0} and on_disk["method"] == "kd"
 
 
 def test_kd_checkpoint_resolution(teacher_dir):
-    assert train_kd.teacher_file(teacher_dir).name == "best_teacher.pt"
-    assert train_kd.teacher_file(teacher_dir / "last.pt").name == "last.pt"
-    arch, state, classes, size = train_kd.teacher_weights(
-        torch.load(teacher_dir / "last.pt", weights_only=False), teacher_dir / "last.pt")
-    assert arch == "wrn_16_1" and classes is None and size is None
-    assert state.keys() == models.build("wrn_16_1", 10).state_dict().keys()
+    assert models.checkpoint_file(teacher_dir).name == "best_teacher.pt"
+    assert models.checkpoint_file(teacher_dir, role="teacher").name == "best_teacher.pt"
+    assert models.checkpoint_file(teacher_dir / "last.pt").name == "last.pt"
+    info = models.read_checkpoint(teacher_dir / "last.pt")
+    assert info["arch"] == "wrn_16_1" and info["num_classes"] is None and info["image_size"] is None
+    assert (info["role"], info["dataset"]) == ("teacher", "synthetic")
+    assert info["state_dict"].keys() == models.build("wrn_16_1", 10).state_dict().keys()
+    with pytest.raises(ValueError, match="holds the teacher, not the student"):
+        models.read_checkpoint(teacher_dir / "best_teacher.pt", role="student")
+    with pytest.raises(ValueError, match="class count"):
+        models.load(teacher_dir / "last.pt")
+    # the network, from the run directory or its last.pt: weights loaded, eval mode, described
+    best = torch.load(teacher_dir / "best_teacher.pt", weights_only=False)
+    for net in (models.load(teacher_dir), models.load(teacher_dir / "last.pt", num_classes=10, image_size=32)):
+        assert not net.training and net.checkpoint["arch"] == "wrn_16_1"
+    net = models.load(teacher_dir)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in best["model"].items())
+    assert net.checkpoint["file"].endswith("best_teacher.pt") and "state_dict" not in net.checkpoint
 
 
 def run_guarded(argv, monkeypatch, capsys):
@@ -391,11 +439,18 @@ def test_kd_refuses_a_checkpoint_of_the_wrong_class_count(tmp_path, monkeypatch,
                 "model": models.build("wrn_16_1", 5).state_dict()}, wrong)
     code, err = run_guarded([*TINY, "--student", "resnet20", "--teacher-ckpt", str(tmp_path),
                              "--out", str(tmp_path / "runs")], monkeypatch, capsys)
-    assert code == 2 and len(err) == 1 and "5 classes" in err[0] and "synthetic has 10" in err[0], err
+    assert code == 2 and len(err) == 1 and "num_classes 5, not 10" in err[0] and "--teacher-ckpt" in err[0], err
+
+
+def test_kd_refuses_a_teacher_of_another_dataset(tmp_path, teacher_dir, monkeypatch, capsys):
+    code, err = run_guarded(["--dataset", "digits", *TINY[2:], "--student", "resnet20", "--teacher-ckpt",
+                             str(teacher_dir), "--out", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1 and "trained on synthetic, not digits" in err[0], err
 
 
 def test_kd_refuses_mismatching_missing_or_corrupt_files(tmp_path):
-    data = SimpleNamespace(name="synthetic", num_classes=10, image_size=32)
+    run = SimpleNamespace(data=SimpleNamespace(name="synthetic", num_classes=10, image_size=32),
+                          device=torch.device("cpu"), memory_format=torch.contiguous_format)
     last_wrong = tmp_path / "last.pt"
     five_classes = models.build("wrn_16_1", 5).state_dict()
     torch.save({"networks": {"teacher": "wrn_16_1"}, "models": {"teacher": five_classes}}, last_wrong)
@@ -403,10 +458,15 @@ def test_kd_refuses_mismatching_missing_or_corrupt_files(tmp_path):
     torch.save({"arch": "wrn_16_1", "num_classes": 10, "image_size": 64, "model": {}}, small)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    cases = ((last_wrong, "does not fit"), (small, "64px"), (tmp_path / "missing.pt", "no checkpoint"),
-             (corrupt, "cannot read"), (tmp_path / "empty_dir", "no teacher checkpoint"))
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "wrn_16_1", "num_classes": 10, "image_size": 32, "dataset": "cifar10",
+                "model": models.build("wrn_16_1", 10).state_dict()}, other)
+    cases = ((last_wrong, "does not fit"), (small, "image_size 64, not 32"),
+             (tmp_path / "missing.pt", "no checkpoint"),
+             (corrupt, "cannot read"), (tmp_path / "empty_dir", "no checkpoint in"),
+             (other, "trained on cifar10, not synthetic"))
     (tmp_path / "empty_dir").mkdir()
     for path, message in cases:
         with pytest.raises(utils.UsageError, match=message) as error:
-            train_kd.load_teacher(path, data, torch.device("cpu"))
-        assert "\n" not in str(error.value)
+            train_kd.load_teacher(path, run)
+        assert "\n" not in str(error.value) and str(error.value).startswith("--teacher-ckpt")

@@ -2,7 +2,8 @@
 
 Each run goes through this file's worker (``python -m torch.distributed.run ... tests/test_distributed.py
 worker ...``), which runs the training script's own ``main`` and records, for its rank, the
-mode of every switching decision and the final weights, so the test can compare the ranks.
+modes of every iteration (from the script's ``train_step``) and the final weights, so the test
+can compare the ranks.
 """
 import importlib
 import json
@@ -12,13 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--train-subset", "64", "--test-subset", "20", "--batch-size", "16",
         "--workers", "0", "--no-progress", "--device", "cpu"]
-SWITOKD = [*TINY, "--student", "resnet20", "--teacher", "wrn_16_1",
+SWITOKD = [*TINY, "--student", "resnet20", "--teacher", "wrn_16_1", "--switch-rule", "algorithm1",
            "--fixed-delta", "0.55"]  # G of these nets at start lies near 0.45-0.75: both modes occur
 
 
@@ -63,11 +65,16 @@ def test_switokd_ranks_switch_together_and_end_equal(straight):
     assert len(rank0["modes"]) == 2 * 64 // 16
     assert rank0["modes"] == rank1["modes"]
     assert True in rank0["modes"] and False in rank0["modes"]   # DDP forward without backward, then with
+    assert rank0["values"] == rank1["values"]                   # the same (averaged) G, delta and distances
     assert_same_weights(rank0["models"], rank1["models"])       # parameters and BatchNorm statistics
 
     run_dir = tmp_path / "runs" / "switokd" / "switokd"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["iterations"] == 8   # rank 0's trace
+    assert results["settings"]["world_size"] == 2 and results["invocations"][0]["world_size"] == 2
+    trace = np.load(run_dir / "switching.npz")
+    assert trace["expert"].astype(bool).tolist() == rank0["modes"]
+    np.testing.assert_array_equal(trace["G"], np.float32([v["G"] for v in rank0["values"]]))
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert len(list((run_dir / "tensorboard").glob("events.*"))) == 1   # one writer: rank 0's
     assert not list(run_dir.glob(".*tmp*"))
@@ -82,6 +89,7 @@ def test_resume_under_ddp_continues_exactly(straight, tmp_path):
     resumed, _ = torchrun(tmp_path, "r+resume", "train_switokd", *SWITOKD, "--epochs", "2", "--resume")
     assert first["epoch"] == 1 and resumed[0]["epoch"] == 2
     assert first["modes"] + resumed[0]["modes"] == rank0["modes"]
+    assert first["values"] + resumed[0]["values"] == rank0["values"]
     for rank in resumed:  # every rank loaded the checkpoint
         assert_same_weights(rank["models"], rank0["models"])
 
@@ -89,8 +97,9 @@ def test_resume_under_ddp_continues_exactly(straight, tmp_path):
 def test_multi_network_ranks_agree(tmp_path):
     (rank0, rank1), _ = torchrun(tmp_path, "multi", "train_multi", *TINY, "--teachers", "wrn_16_1",
                                  "--students", "resnet20", "resnet20", "--epochs", "1")
-    assert len(rank0["modes"]) == 2 * 64 // 16   # two pairs, four iterations
+    assert len(rank0["modes"]) == 64 // 16 and all(len(m) == 2 for m in rank0["modes"])  # 4 iterations, 2 pairs
     assert rank0["modes"] == rank1["modes"]
+    assert rank0["values"] == rank1["values"]
     assert_same_weights(rank0["models"], rank1["models"])
 
 
@@ -110,35 +119,41 @@ class _Stop(Exception):
 
 
 def worker(script, records, stop_after_epoch, argv):
-    """Run ``script``'s main on this rank, recording the switching modes and the final weights."""
+    """Run ``script``'s main on this rank, recording each iteration's modes and switching
+    statistics (train_switokd: the expert flag; train_multi: each pair's) and the final weights."""
     import utils
     module = importlib.import_module(script)
-    modes, decide = [], module.switch_decision
+    modes, values, step = [], [], module.train_step
 
-    def recording_decision(*args, **kwargs):
-        decision = decide(*args, **kwargs)
-        modes.append(decision[-1])
-        return decision
+    def recording_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        row = result[0] if isinstance(result, tuple) else result  # train_multi: (trace row, logged values)
+        if isinstance(row["expert"], list):
+            modes.append([bool(e) for e in row["expert"]])
+        else:
+            modes.append(bool(row["expert"]))
+        values.append({key: row[key] for key in ("G", "delta", "ps_y", "pt_y")})
+        return result
 
     def record(run):
         weights = {role: {k: v.clone() for k, v in m.state_dict().items()} for role, m in run.modules.items()}
         torch.save({"rank": run.rank, "world_size": run.world_size, "epoch": run.epoch, "modes": modes,
-                    "models": weights}, Path(records) / f"rank{run.rank}.pt")
+                    "values": values, "models": weights}, Path(records) / f"rank{run.rank}.pt")
 
     end_epoch, finish = utils.Run.end_epoch, utils.Run.finish
 
-    def end_epoch_and_maybe_stop(self, extra=None):
-        row = end_epoch(self, extra)
+    def end_epoch_and_maybe_stop(self, metrics, extra=None):
+        row = end_epoch(self, metrics, extra)
         if self.epoch == stop_after_epoch:
             record(self)
             raise _Stop
         return row
 
-    def record_and_finish(self, extra=None):
+    def record_and_finish(self, summary=None):
         record(self)
-        return finish(self, extra)
+        return finish(self, summary)
 
-    module.switch_decision = recording_decision
+    module.train_step = recording_step
     utils.Run.end_epoch, utils.Run.finish = end_epoch_and_maybe_stop, record_and_finish
     try:
         module.main(argv)

@@ -153,6 +153,28 @@ def test_milestones_scale_with_short_runs():
     official = utils.recipe_for("official", "cifar100", "teacher"), utils.recipe_for("official", "cifar100", "student")
     assert (official[0].lr, official[1].lr) == (0.1, 0.01)
     assert utils.recipe_for("paper", "tinyimagenet", "teacher").optimizer == "sgd"
+    # by network, then role (a numbered role takes its kind's entry), then "*"; a released script's own table
+    assert utils.recipe_for("official", "cifar100", "teacher2").lr == 0.1
+    assert utils.recipe_for("official", "synthetic", "student1", "mobilenet", "three-networks").optimizer == "adam"
+    assert utils.recipe_for("official", "cifar100", "student1", "wrn_16_2", "three-networks").optimizer == "sgd"
+    assert utils.recipe_for("crd", "cifar100", "student", "mobilenetv2_0.5").lr == 0.01
+    with pytest.raises(utils.UsageError, match="fast"):
+        utils.recipe_for("fast", "cifar100", "student")
+
+
+@pytest.mark.parametrize("lr_drop, rates", [
+    ("after", [1, 1, 1, 0.1, 0.1, 0.01]),   # milestone m: m epochs at the old rate (MultiStepLR)
+    ("start", [1, 1, 0.1, 0.1, 0.01, 0.01]),  # at the start of epoch m (the released scripts)
+])
+def test_lr_drop_timing(lr_drop, rates):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = utils.lr_schedule(optimizer, [3, 5], 0.1, lr_drop)
+    seen = []
+    for _ in range(6):  # epochs 1..6: the rate each epoch trains at
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx(rates)
 
 
 def run_cli(capsys, *args):

@@ -17,8 +17,8 @@ TINY = ["--dataset", "synthetic", "--train-subset", "16", "--test-subset", "8", 
         "--workers", "0", "--no-progress", "--device", "cpu", "--epochs", "1",
         "--student", "wrn_10_1", "--teacher", "wrn_10_1"]
 ONE_SMALL_BATCH = ["--train-subset", "4", "--test-subset", "4", "--batch-size", "4"]
-MODES = {"learning": ["--fixed-delta", "3"],   # G <= 2 < 3: every batch in learning mode
-         "expert": ["--fixed-delta", "-1"]}    # G >= 0 > -1: every batch in expert mode
+MODES = {"learning": ["--no-switching"],                               # Table 2 case A: always learning mode
+         "expert": ["--switch-rule", "algorithm1", "--fixed-delta", "0"]}  # G > 0: every batch in expert mode
 
 
 @pytest.fixture

@@ -133,7 +133,8 @@ def test_switching_decision_options():
     delta, expert = switching_decision(stats, "algorithm1", fixed_delta=0.5)
     assert delta.tolist() == [0.5] * 3 and expert.tolist() == [True, False, True]
     assert switching_decision(stats, "algorithm1", fixed_delta=0.0, switching=False)[1].tolist() == [False] * 3
-    assert switching_decision(stats, r_form="ratio")[0][0].item() == pytest.approx(adaptive_threshold(1.2, 0.4, "ratio"))
+    ratio = switching_decision(stats, r_form="ratio")[0][0].item()
+    assert ratio == pytest.approx(adaptive_threshold(1.2, 0.4, "ratio"))
     # epsilon = exp(-r) from another pair's distances: delta = d_s - exp(-r') d_t
     other = stats.flip(0)
     delta, _ = switching_decision(stats, epsilon_stats=other)

@@ -176,9 +176,12 @@ def test_train_step_modes():
     opt_t = torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9)
     images, targets = torch.randn(8, 12), torch.randint(0, 5, (8,))
     precision = utils.Precision(torch.device("cpu"))
-    for flags, expert in ((ALWAYS_EXPERT, True), (ALWAYS_LEARNING, False)):
+    # expert first (the teacher's optimiser has no state yet), learning, then expert again (the
+    # teacher's gradients of the learning step are still there: they must not be applied)
+    for flags, expert in ((ALWAYS_EXPERT, True), (ALWAYS_LEARNING, False), (ALWAYS_EXPERT, True)):
         cfg = train_switokd.parse_args(flags)
         s0, t0 = student.weight.clone(), teacher.weight.clone()
+        momentum = {k: v["momentum_buffer"].clone() for k, v in opt_t.state.items()}
         with torch.no_grad():
             stats = distill.switching_statistics(student(images), teacher(images), targets)
         values = train_switokd.train_step(student, teacher, opt_s, opt_t, images, targets, cfg, precision)
@@ -188,8 +191,10 @@ def test_train_step_modes():
         assert [values["G"], values["ps_y"], values["pt_y"]] == pytest.approx(stats.tolist())
         assert not torch.equal(student.weight, s0)
         assert torch.equal(teacher.weight, t0) is expert
-        assert (opt_t.state == {}) is expert  # expert first: the teacher's optimiser has not stepped yet
-    assert values["delta"] == pytest.approx(distill.adaptive_threshold(values["ps_y"], values["pt_y"]))
+        after = {k: v["momentum_buffer"] for k, v in opt_t.state.items()}
+        assert (after.keys() == momentum.keys() and all(torch.equal(after[k], momentum[k]) for k in after)) is expert
+        delta = distill.adaptive_threshold(values["ps_y"], values["pt_y"]) if cfg.fixed_delta is None else 0.0
+        assert values["delta"] == pytest.approx(delta)
 
 
 def test_digits_end_to_end(tmp_path):
@@ -201,3 +206,32 @@ def test_digits_end_to_end(tmp_path):
     # the default run name names every flag given a non-default value (not --epochs, --workers, --out, ...)
     run = tmp_path / "switokd" / "digits-resnet20-wrn_16_1-train_subset=512-batch_size=64-seed0"
     assert (run / "results.json").is_file()
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """Stopped after epoch 1 and resumed: the same weights, optimiser states, trace and metrics as one run."""
+    train(tmp_path, "straight", epochs=2)
+    original = utils.Run.end_epoch
+
+    def stop_after_epoch_one(self, metrics, extra=None):
+        original(self, metrics, extra)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(utils.Run, "end_epoch", stop_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "resumed", epochs=2)
+    monkeypatch.undo()
+    results = train(tmp_path, "resumed", "--resume", epochs=2)
+    straight, resumed = checkpoint(tmp_path, "straight"), checkpoint(tmp_path, "resumed")
+    for role in ("student", "teacher"):
+        assert all(torch.equal(v, resumed["models"][role][k]) for k, v in straight["models"][role].items()), role
+        for index, state in straight["optimizers"][role]["state"].items():
+            assert all(torch.equal(v, resumed["optimizers"][role]["state"][index][k]) for k, v in state.items())
+    a, b = trace(tmp_path, "straight"), trace(tmp_path, "resumed")
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"seconds"}:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+    def without_times(rows):
+        return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+    assert without_times(resumed["history"]) == without_times(straight["history"])
+    assert results["iterations"] == 6 and results["expert_fraction"] == pytest.approx(b["expert"].mean())
