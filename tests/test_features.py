@@ -37,7 +37,7 @@ STAGES = {
     ("mobilenetv2", 32): pyramid((24, 32, 96, 1280), 16),
     ("mobilenetv2_0.5", 32): pyramid((12, 16, 48, 1280), 16),
     ("mobilenetv2_1.4", 32): pyramid((33, 44, 134, 1792), 16),
-    ("mobilenetv2_1.4", 64): pyramid((33, 44, 134, 1792), 32),
+    ("mobilenetv2_1.4", 64): pyramid((24, 32, 48, 136, 1792), 32),   # the released torchvision-style layout
     ("mobilenetv2", 224): pyramid((16, 24, 32, 96, 1280), 112),       # torchvision's
     ("mobilenetv2_0.5", 224): pyramid((8, 16, 16, 48, 1280), 112),
 }

@@ -146,7 +146,7 @@ def test_bad_variant_raises(variant):
         models.build("wrn_16_2", 100, variant=variant)
     msg = str(err.value)
     assert repr(variant) in msg and "paper" in msg and "official" in msg and "\n" not in msg
-    assert models.VARIANTS == ("paper", "official")
+    assert models.VARIANTS == ("paper", "official", "okddip")
 
 
 def test_script_init_statistics():

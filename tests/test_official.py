@@ -6,8 +6,10 @@ steps, in its order), written from the released code's behaviour
 (../shared/reference/official-code-facts.md and the scripts' main.py). From the same
 initial weights and the same batches, the repository's ``train_step`` under the official
 settings must take the same modes and reach the same losses and weights, to float noise
-(float64 networks; the engine computes the losses from float32 logits, as under autocast).
-The learning-rate schedules are compared epoch by epoch.
+(the losses are computed from float32 logits, as under autocast; over eight iterations,
+before training at lr 0.1 amplifies rounding differences). The students start confidently
+wrong (a sharpened classifier) and the teachers a little trained, so that every mode
+combination occurs. The learning-rate schedules are compared epoch by epoch.
 """
 import argparse
 import copy
@@ -22,6 +24,7 @@ import train_switokd
 import utils
 
 CPU = utils.Precision(torch.device("cpu"))
+DTYPE = torch.float64
 
 
 def released_kl(p_logit, q_logit):
@@ -88,7 +91,7 @@ def released_1t2s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
     loss_m = F.cross_entropy(out_m, y) + released_kl(out.detach(), out_m) + released_kl(out2.detach(), out_m)
     loss_m.backward()
     opt_m.step()
-    return w1, w2
+    return w1, w2, {"student1": loss_2.item(), "student2": loss_m.item(), "teacher1": loss_10.item()}
 
 
 def released_2t1s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
@@ -99,12 +102,14 @@ def released_2t1s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
     out2 = wrn10(x)
     opt_m.zero_grad()
     out_m = mobile(x)
+    losses = {}
     ps_pt, s_label, t_label = released_distances(out_m.detach(), out.detach(), y)
     flag = int(bool(ps_pt > released_delta(s_label, t_label, s_label, t_label) and t_label < s_label))
     if not flag:
         loss = F.cross_entropy(out, y) + released_kl(out_m.detach(), out) + released_kl(out2.detach(), out)
         loss.backward()
         opt_2.step()
+        losses["teacher2"] = loss.item()
     ps_pt2, s_label2, t_label2 = released_distances(out_m.detach(), out2.detach(), y)
     delta2 = released_delta(s_label2, t_label2, s_label, t_label)  # epsilon from the other pair
     flag2 = int(bool(ps_pt2 > delta2 and t_label2 < s_label2))
@@ -112,29 +117,36 @@ def released_2t1s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
         loss2 = F.cross_entropy(out2, y) + released_kl(out_m.detach(), out2) + released_kl(out.detach(), out2)
         loss2.backward()
         opt_10.step()
+        losses["teacher1"] = loss2.item()
     loss_m = F.cross_entropy(out_m, y) + released_kl(out.detach(), out_m) + released_kl(out2.detach(), out_m)
     loss_m.backward()
     opt_m.step()
-    return flag, flag2
+    losses["student1"] = loss_m.item()
+    return flag, flag2, losses
 
 
 # --------------------------------------------------------------------------- fixtures
 
-def tiny_net(seed, width=1):
+def tiny_net(seed, width=1, sharpen=1.0):
+    """A small WRN (without conv biases: a bias before BatchNorm has a zero true gradient, whose
+    rounding noise Adam would blow up to full-size steps), its classifier scaled by ``sharpen``."""
     torch.manual_seed(seed)
-    return models.build(f"wrn_10_{width}", 10, variant="official").double()
+    net = models.build(f"wrn_10_{width}", 10).to(DTYPE)
+    with torch.no_grad():
+        net.fc.weight.mul_(sharpen)
+    return net
 
 
-def batches(n=12, seed=0):
+def batches(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g))
+    return [(torch.randn(8, 3, 16, 16, generator=g, dtype=DTYPE), torch.randint(0, 10, (8,), generator=g))
             for _ in range(n)]
 
 
-def warm_up(net, data, steps=8):
-    """A few CE steps, so that the teacher leads and expert mode occurs."""
+def warm_up(net, data):
+    """A few cross-entropy steps on some of the test's batches."""
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    for x, y in data[:steps]:
+    for x, y in data:
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
         opt.step()
@@ -154,9 +166,22 @@ def switokd_cfg(**overrides):
     return argparse.Namespace(**{**vars(parsed), **overrides})
 
 
-def assert_same_weights(a, b):
+def assert_same_weights(a, b, atol=2e-6):
+    """Equal to float noise (the engine computes the losses from float32 logits)."""
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=atol, msg=name)
+
+
+ADAM_ATOL = 1e-3
+"""Adam divides each step by sqrt(v) + 1e-8, so a weight whose gradient is near zero moves by up
+to a full step on rounding noise alone: the MobileNet (Adam) is compared loosely; its losses,
+and every decision, still agree to float noise."""
+
+
+def assert_same_losses(ours, released, tau=1.0):
+    """Every loss the released step computed equals ours (CE + KL terms of that network)."""
+    for role, value in released.items():
+        assert (ours[f"{role}/ce"] + ours[f"{role}/kl"]).item() == pytest.approx(value, rel=1e-5), role
 
 
 # --------------------------------------------------------------------------- the two-network step
@@ -164,8 +189,8 @@ def assert_same_weights(a, b):
 def test_two_network_step_follows_the_released_script(lr_t=0.1, lr_s=0.01):  # the CIFAR-100 script's rates
     """The step is the same in every two-network script (CIFAR-10/100, Tiny-ImageNet, ImageNet); only the
     optimisers differ, which the schedule tests below and the recipe tables cover."""
-    data = batches(14)
-    teacher, student = warm_up(tiny_net(0, 2), batches(8, seed=9)), tiny_net(1)
+    data = batches()
+    teacher, student = warm_up(tiny_net(0, 2), data[:4] * 2), tiny_net(1, sharpen=20)
     ours = {"t": copy.deepcopy(teacher), "s": copy.deepcopy(student)}
     opt_t, opt_s = sgd(teacher, lr_t), sgd(student, lr_s)
     our_t, our_s = sgd(ours["t"], lr_t), sgd(ours["s"], lr_s)
@@ -175,7 +200,7 @@ def test_two_network_step_follows_the_released_script(lr_t=0.1, lr_s=0.01):  # t
         expert, loss_s = released_two_network_step(teacher, student, opt_t, opt_s, x, y)
         values = train_switokd.train_step(ours["s"], ours["t"], our_s, our_t, x, y, cfg, CPU, reduce=lambda v: v)
         assert bool(values["expert"]) == expert
-        assert values["student_ce"] + values["student_kl"] == pytest.approx(loss_s, rel=1e-6)
+        assert values["student_ce"] + values["student_kl"] == pytest.approx(loss_s, rel=1e-5)
         modes.append(expert)
     assert True in modes and False in modes  # both modes compared
     assert_same_weights(teacher, ours["t"])
@@ -190,9 +215,9 @@ def multi_cfg(topology):
 def test_1t2s_step_follows_the_released_script():
     cfg = multi_cfg("1T2S")
     assert (cfg.paused_teacher, cfg.pair_epsilon, cfg.switch_rule) == ("zero-step", "other-pair", "text")
-    data = batches(14)
-    wrn10 = warm_up(tiny_net(0, 3), batches(8, seed=9))
-    wrn2, mobile = tiny_net(1, 2), tiny_net(2)
+    data = batches()
+    wrn10 = warm_up(tiny_net(0, 3), data[:4] * 2)
+    wrn2, mobile = tiny_net(1, 2, sharpen=10), tiny_net(2, sharpen=10)
     released = [wrn2, wrn10, mobile]
     opts = [sgd(wrn2, 0.1), sgd(wrn10, 0.1), adam(mobile)]
     ours = {"student1": copy.deepcopy(wrn2), "student2": copy.deepcopy(mobile), "teacher1": copy.deepcopy(wrn10)}
@@ -200,22 +225,24 @@ def test_1t2s_step_follows_the_released_script():
                 "teacher1": sgd(ours["teacher1"], 0.1)}
     seen = set()
     for x, y in data:
-        w1, w2 = released_1t2s_step(*released, *opts, x, y)
-        row, _ = train_multi.train_step(ours, our_opts, x, y, ["teacher1"], ["student1", "student2"], cfg, CPU,
-                                        reduce=lambda v: v)
+        w1, w2, losses = released_1t2s_step(*released, *opts, x, y)
+        row, logged = train_multi.train_step(ours, our_opts, x, y, ["teacher1"], ["student1", "student2"], cfg, CPU,
+                                             reduce=lambda v: v)
         assert row["expert"] == [float(1 - w1), float(1 - w2)]
+        assert_same_losses(logged, losses if (w1, w2) != (0, 0) else {k: v for k, v in losses.items() if k != "teacher1"})
         seen.add((w1, w2))
-    assert (0, 0) in seen and len(seen) > 1  # a fully paused (zero-step) teacher and a training one
-    for ours_net, theirs in zip((ours["student1"], ours["teacher1"], ours["student2"]), released):
-        assert_same_weights(theirs, ours_net)
+    assert {(0, 0), (1, 0), (1, 1)} <= seen  # a fully paused (zero-step) teacher, a half-paused, a training one
+    assert_same_weights(wrn2, ours["student1"])
+    assert_same_weights(wrn10, ours["teacher1"])
+    assert_same_weights(mobile, ours["student2"], ADAM_ATOL)
 
 
 def test_2t1s_step_follows_the_released_script():
     cfg = multi_cfg("2T1S")
     assert (cfg.paused_teacher, cfg.pair_epsilon) == ("suspend", "other-pair")
-    data = batches(14)
-    wrn10, wrn2 = warm_up(tiny_net(0, 3), batches(8, seed=9)), warm_up(tiny_net(1, 2), batches(8, seed=8))
-    mobile = tiny_net(2)
+    data = batches()
+    wrn10, wrn2 = warm_up(tiny_net(0, 3), data[:4] * 2), warm_up(tiny_net(1, 2), data[:4] * 2)
+    mobile = tiny_net(2, sharpen=10)
     released = [wrn2, wrn10, mobile]
     opts = [sgd(wrn2, 0.1), sgd(wrn10, 0.1), adam(mobile)]
     ours = {"student1": copy.deepcopy(mobile), "teacher1": copy.deepcopy(wrn10), "teacher2": copy.deepcopy(wrn2)}
@@ -223,14 +250,16 @@ def test_2t1s_step_follows_the_released_script():
                 "teacher2": sgd(ours["teacher2"], 0.1)}
     seen = set()
     for x, y in data:
-        flag, flag2 = released_2t1s_step(*released, *opts, x, y)
-        row, _ = train_multi.train_step(ours, our_opts, x, y, ["teacher1", "teacher2"], ["student1"], cfg, CPU,
-                                        reduce=lambda v: v)
+        flag, flag2, losses = released_2t1s_step(*released, *opts, x, y)
+        row, logged = train_multi.train_step(ours, our_opts, x, y, ["teacher1", "teacher2"], ["student1"], cfg, CPU,
+                                             reduce=lambda v: v)
         assert row["expert"] == [float(flag2), float(flag)]  # our pairs: (WRN-16-10, MobileNet), (WRN-16-2, MobileNet)
+        assert_same_losses(logged, losses)
         seen.update((flag, flag2))
     assert seen == {0, 1}
-    for ours_net, theirs in zip((ours["teacher2"], ours["teacher1"], ours["student1"]), released):
-        assert_same_weights(theirs, ours_net)
+    assert_same_weights(wrn2, ours["teacher2"])
+    assert_same_weights(wrn10, ours["teacher1"])
+    assert_same_weights(mobile, ours["student1"], ADAM_ATOL)
 
 
 # --------------------------------------------------------------------------- schedules

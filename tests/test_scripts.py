@@ -55,7 +55,11 @@ def test_smoke_all_runs_every_script_to_the_end(smoke):
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. 4", "Fig. 1", "Fig. 5",
                   "Fig. 7"):
         assert f"## {title}" in summary
-    assert "paper 73.47" in summary and "In progress" not in summary
+    assert "In progress" not in summary and "No run matches a cell" in summary  # digits runs: in no paper cell
+    every = io.StringIO()
+    with redirect_stdout(every):
+        summarize.main([str(smoke), "--all"])
+    assert "paper 73.47" in every.getvalue()
     rows = list(csv.DictReader(io.StringIO((smoke / "summary.csv").read_text())))
     assert sum(r["row"].startswith("switokd") for r in rows) > 0  # smoke runs (digits) are in no paper cell
 
@@ -248,11 +252,12 @@ def test_smoke_flags_replace_values_and_models():
 
 # --------------------------------------------------------------------------- summarize.py
 
-def fake_run(root, experiment, method, name, seed, networks, extra=None, dataset="cifar100", finished=True):
+def fake_run(root, experiment, method, name, seed, networks, extra=None, dataset="cifar100", finished=True,
+             status="finished"):
     """A run directory with the fields of a real results.json (networks: {role: (arch, best, final)})."""
     run = root / experiment / method / f"{name}-seed{seed}"
     run.mkdir(parents=True)
-    results = {"method": method, "dataset": dataset, "recipe": "paper", "seed": seed, "epochs": 300,
+    results = {"method": method, "status": status, "dataset": dataset, "recipe": "paper", "seed": seed, "epochs": 300,
                "epochs_planned": 300, "world_size": 1, "wall_time_s": 3600.0 * (seed + 1),
                "networks": {role: {"arch": arch, "params": 1, "best_top1": best, "best_epoch": 1,
                                    "final_top1": final, "final_top5": 99.0, "final_loss": 1.0}
@@ -271,10 +276,10 @@ SWITOKD = {"switching": {"rule": "paper", "r_form": "sum", "fixed_delta": None, 
                          "alpha": 1.0, "beta": 1.0, "teacher_loss": "reciprocal"}, "expert_fraction": 0.3}
 
 
-def summarize_csv(root):
+def summarize_csv(root, *flags):
     out = io.StringIO()
     with redirect_stdout(out):
-        assert summarize.main([str(root), "--csv"]) == 0
+        assert summarize.main([str(root), "--csv", *flags]) == 0
     return list(csv.DictReader(io.StringIO(out.getvalue())))
 
 
@@ -290,8 +295,7 @@ def test_summarize_means_stds_counts_and_published_values(tmp_path):
     fake_run(tmp_path, "table4", "vanilla", "cifar100-mobilenetv2_0.5", 0, {"student": (pair[0], 60.0, 59.0)})
     fake_run(tmp_path, "table4", "dml", "cifar100-pair", 0, nets(66.0, 74.0))
     fake_run(tmp_path, "table4", "dml", "cifar100-pair", 1, nets(66.0, 74.0), finished=False)  # in progress
-    stale = fake_run(tmp_path, "table4", "kdcl", "cifar100-pair", 0, nets(1.0, 1.0))
-    os.utime(stale / "last.pt", (time.time() + 60, time.time() + 60))  # resumed after it finished once
+    fake_run(tmp_path, "table4", "kdcl", "cifar100-pair", 0, nets(1.0, 1.0), status="stopped")  # not yet finished
     fake_run(tmp_path, "table4", "switokd", "cifar10-pair", 0, nets(50.0, 50.0), SWITOKD,
              dataset="cifar10")  # another dataset: in no CIFAR-100 cell
     fake_run(tmp_path, "mine", "vanilla", "x", 0, {"student": ("resnet20", 10.0, 9.0)})
@@ -309,12 +313,13 @@ def test_summarize_means_stds_counts_and_published_values(tmp_path):
     assert float(teacher["best_mean"]) == pytest.approx(73.1667, abs=1e-4) and float(teacher["paper"]) == 73.90
     vanilla = cells[("table4", "CIFAR-100 student 0.5MobileNetV2", "Vanilla")]
     assert vanilla["n"] == "1" and vanilla["best_std"] == "" and float(vanilla["paper"]) == 60.07
-    assert cells[("table4", "CIFAR-100 teacher WRN-16-2", "Vanilla")]["n"] == "0"  # no vanilla teacher run
+    assert ("table4", "CIFAR-100 teacher WRN-16-2", "Vanilla") not in cells  # no vanilla teacher run: no row
     dml = cells[("table4", "CIFAR-100 student 0.5MobileNetV2", "DML")]
     assert dml["n"] == "1" and float(dml["best_mean"]) == 66.0 and float(dml["final_mean"]) == 65.0
-    assert cells[("table4", "CIFAR-100 student 0.5MobileNetV2", "KDCL")]["n"] == "0"
-    assert cells[("table4", "Tiny-ImageNet student 1.4MobileNetV2", "SwitOKD")]["n"] == "0"
-    assert float(cells[("table4", "Tiny-ImageNet student 1.4MobileNetV2", "SwitOKD")]["paper"]) == 58.71
+    assert ("table4", "CIFAR-100 student 0.5MobileNetV2", "KDCL") not in cells
+    every = {(r["table"], r["row"], r["column"]): r for r in summarize_csv(tmp_path, "--all")}
+    assert every[("table4", "Tiny-ImageNet student 1.4MobileNetV2", "SwitOKD")]["n"] == "0"
+    assert float(every[("table4", "Tiny-ImageNet student 1.4MobileNetV2", "SwitOKD")]["paper"]) == 58.71
     progress = sorted(r["runs"] for r in rows if r["row"] == "in progress")
     assert progress == ["table4/dml/cifar100-pair-seed1", "table4/kdcl/cifar100-pair-seed0"]
     others = {(r["table"], r["row"], r["column"]): r for r in rows if r["row"].startswith(("switokd", "vanilla"))}
@@ -351,7 +356,7 @@ def test_summarize_table_specific_matching(tmp_path):
     cells = {(r["table"], r["row"], r["column"]): r for r in summarize_csv(tmp_path)}
     assert float(cells[("table2", "A: no switching", "ResNet-32 (student)")]["best_mean"]) == 72.0
     assert float(cells[("table2", "B: fixed delta = 0.6", "ResNet-32 (student)")]["best_mean"]) == 71.0
-    assert cells[("table2", "B: fixed delta = 0.2", "ResNet-32 (student)")]["n"] == "0"
+    assert ("table2", "B: fixed delta = 0.2", "ResNet-32 (student)") not in cells
     assert float(cells[("table2", "C: teacher loss Eqn. (5)", "ResNet-32 (student)")]["best_mean"]) == 70.0
     assert float(cells[("table2", "D: SwitOKD", "ResNet-32 (student)")]["best_mean"]) == 73.0
     assert float(cells[("table2", "D: SwitOKD", "ResNet-32 (student)")]["paper"]) == 73.47
@@ -359,12 +364,47 @@ def test_summarize_table_specific_matching(tmp_path):
     assert float(cells[("table7", "WRN-16-2 (S/T; 1T2S: S, 2T1S: T)", "SwitOKD (2T1S)")]["best_mean"]) == 69.0
     assert float(cells[("table7", "WRN-16-2 (S/T; 1T2S: S, 2T1S: T)", "SwitOKD (2T1S)")]["paper"]) == 71.73
     assert float(cells[("table7", "WRN-16-2 (S/T; 1T2S: S, 2T1S: T)", "Vanilla")]["best_mean"]) == 73.0
-    assert cells[("table7", "MobileNet (S)", "Vanilla")]["n"] == "0"
+    assert ("table7", "MobileNet (S)", "Vanilla") not in cells
     assert float(cells[("table5", "student WRN-16-2", "KD")]["best_mean"]) == 74.0
-    assert float(cells[("table5", "student WRN-16-2", "RCO")]["paper"]) == 75.36
+    every = {(r["table"], r["row"], r["column"]): r for r in summarize_csv(tmp_path, "--all")}
+    assert float(every[("table5", "student WRN-16-2", "RCO")]["paper"]) == 75.36
     hours = cells[("fig7", "DML", "total time (h)")]
     assert float(hours["best_mean"]) == 1.0 and float(hours["paper"]) == 13.43
     assert float(cells[("fig7", "DML", "teacher")]["best_mean"]) == 2.0
+
+
+def test_summarize_reads_content_not_file_times(tmp_path, capsys):
+    """A copied run root (new mtimes), bad results.json files, a diverged run, a hand-made run."""
+    good = fake_run(tmp_path, "table4", "dml", "a", 0, {"student": ("resnet20", 70.0, 69.0)})
+    os.utime(good / "last.pt", (time.time() + 60, time.time() + 60))       # e.g. after cp -r
+    for i, content in enumerate(["[]", "null", '{"networks": {"student": {"arch": 3}}}', "{not json"]):
+        bad = tmp_path / "table4" / "dml" / f"bad{i}"
+        bad.mkdir(parents=True)
+        (bad / "results.json").write_text(content)
+    fake_run(tmp_path, "table4", "dml", "nan", 0, {"student": ("resnet20", float("nan"), float("nan"))})
+    fake_run(tmp_path / "flat", "", "vanilla", "mine", 0, {"student": ("resnet20", 50.0, 49.0)})  # root/method/run
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert summarize.main([str(tmp_path)]) == 0
+    text, warnings = out.getvalue(), capsys.readouterr().err
+    assert "In progress" not in text and warnings.count("warning: skipping") == 4
+    assert "- table4/dml/nan-seed0: non-finite accuracy (diverged)" in text and "70.00" in text
+    runs = io.StringIO()
+    with redirect_stdout(runs):
+        assert summarize.main([str(tmp_path / "flat"), "--runs", "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(runs.getvalue())))
+    assert [(r["experiment"], r["method"], r["role"], r["best_top1"]) for r in rows] == [("", "vanilla", "student",
+                                                                                          "50.0000")]
+
+
+def test_summarize_runs_table_has_one_row_per_run_and_network(tmp_path):
+    for seed in (0, 1):
+        fake_run(tmp_path, "table4", "switokd", "pair", seed, {"student": ("resnet20", 60.0 + seed, 59.0),
+                                                                 "teacher": ("wrn_16_2", 70.0, 70.0)}, SWITOKD)
+    rows = summarize_csv(tmp_path, "--runs")
+    assert [(r["seed"], r["role"], r["arch"]) for r in rows] == [("0", "student", "resnet20"), ("0", "teacher", "wrn_16_2"),
+                                                              ("1", "student", "resnet20"), ("1", "teacher", "wrn_16_2")]
+    assert rows[2]["best_top1"] == "61.0000" and rows[0]["switching.rule"] == "paper" and rows[0]["args.seed"] == "0"
 
 
 def test_published_numbers_fill_every_grid():
