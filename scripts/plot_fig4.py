@@ -67,7 +67,9 @@ def plot(run_dir: Path, compare: Path | None, output: Path) -> Path:
             if x is not None:
                 ax_loss.plot(x, loss, style, color=colour, markersize=3, label=f"{name} {role}")
         for key, colour in (("ce", "tab:green"), ("kl", "tab:purple")):
-            x, value = series(source, f"train/student_{key}")
+            x, value = series(source, f"train/student_{key}")    # SwitOKD's trace names
+            if x is None:
+                x, value = series(source, f"train/student/{key}")  # the cohort methods' (KDCL, DML)
             if x is not None:
                 ax_kl.plot(x, value, style, color=colour, markersize=3, label=f"{name} student {key.upper()}")
     x, student = series(rows, "test/student/top1")
