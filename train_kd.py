@@ -24,8 +24,10 @@ FitNet, AT and CRD follow the CRD benchmark's implementation (RepDistiller) in t
 form and default weights; every difference from the papers and every choice of ours is
 in docs/BASELINES.md. Example (a teacher trained by train_vanilla.py first)::
 
-    python train_vanilla.py --dataset digits --model wrn_16_2 --role teacher --epochs 15 --keep-route 4 --out runs
-    python train_kd.py --dataset digits --student resnet20 --teacher-ckpt runs/vanilla/digits-wrn_16_2-role=teacher-keep_route=4-seed0 --distill crd --nce-k 1024
+    python train_vanilla.py --dataset digits --model wrn_16_2 --role teacher --epochs 15 --keep-route 4 \\
+        --out runs --run-name teacher
+    python train_kd.py --dataset digits --student resnet20 --teacher-ckpt runs/vanilla/teacher --epochs 15 \\
+        --distill crd --nce-k 1024
 
 ``--teacher-ckpt`` takes a run directory (its ``best_teacher.pt``, or its only
 ``best_<role>.pt``, ...: ``models.checkpoint_file``) or a checkpoint file; RCO takes the
@@ -33,16 +35,16 @@ run directory and reads its route (``models.route_checkpoints``).
 """
 import utils  # first: Ctrl-C during the slow imports then ends quietly
 
-import math  # noqa: E402
+import math
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
-import datasets  # noqa: E402
-import models  # noqa: E402
-from distill import kl_loss  # noqa: E402
+import datasets
+import models
+from distill import kl_loss
 
 METHODS = {
     "kd": "KD (Hinton, Vinyals & Dean, Distilling the Knowledge in a Neural Network, 2015)",
