@@ -66,7 +66,8 @@ def main(argv=None):
     args = parse_args(argv)
     run = utils.Run(args, "vanilla", {args.role: args.model})
     net, optimizer = run.nets[args.role], run.optimizers[args.role]
-    keep = route_epochs(args.epochs, args.keep_epochs, args.keep_route)
+    # the route planned at the start, also when --epochs grows on resume (as the LR milestones)
+    keep = run.state.setdefault("route_epochs", route_epochs(args.epochs, args.keep_epochs, args.keep_route))
 
     for epoch in run.epochs():
         for images, targets in run.train_batches():

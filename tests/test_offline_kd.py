@@ -342,6 +342,32 @@ def test_the_route_is_kept_and_loadable(teacher_dir):
         models.route_checkpoints(route[1])
 
 
+def test_the_route_survives_an_interruption(tmp_path, monkeypatch):
+    def teacher(name, *extra):
+        return train_vanilla.main([*TINY, "--epochs", "3", "--model", "wrn_10_1", "--role", "teacher",
+                                   "--keep-route", "3", "--out", str(tmp_path), "--run-name", name, *extra])
+    teacher("straight")
+    original = utils.Run.end_epoch
+
+    def crash(self, metrics, extra=None):
+        original(self, metrics, extra)
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(utils.Run, "end_epoch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        teacher("resumed")
+    monkeypatch.setattr(utils.Run, "end_epoch", original)
+    assert list(models.route_checkpoints(tmp_path / "vanilla" / "resumed")) == [1, 2]
+    results = teacher("resumed", "--resume", "--epochs", "4")   # more epochs: the planned route (not 1 2 4) stays
+    assert results["route"]["epochs"] == [1, 2, 3]
+    assert list(models.route_checkpoints(tmp_path / "vanilla" / "resumed")) == [1, 2, 3]
+    for epoch in (1, 2, 3):
+        a, b = (torch.load(tmp_path / "vanilla" / name / f"route_epoch{epoch}.pt", weights_only=False)
+                for name in ("straight", "resumed"))
+        assert a["epoch"] == b["epoch"] == epoch
+        assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
 def test_rco_learns_from_the_anchors_in_route_order(tmp_path, teacher_dir, monkeypatch):
     loads, load_teacher = [], train_kd.load_teacher
 
