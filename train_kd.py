@@ -238,9 +238,10 @@ def anchor_schedule(num_anchors, epochs, switch_epochs=None):
     """
     if switch_epochs is None:
         switch_epochs = [a * epochs // num_anchors for a in range(1, num_anchors)]
-    if len(switch_epochs) != num_anchors - 1 or list(switch_epochs) != sorted(set(switch_epochs)):
-        raise ValueError(f"{num_anchors} anchors need {num_anchors - 1} increasing switch epochs, "
-                         f"got {' '.join(map(str, switch_epochs)) or 'none'}")
+    if len(switch_epochs) != num_anchors - 1 or list(switch_epochs) != sorted(set(switch_epochs)) \
+            or any(not 0 <= s < epochs for s in switch_epochs):
+        raise ValueError(f"{num_anchors} anchors need {num_anchors - 1} increasing switch epochs below the "
+                         f"{epochs} epochs, got {' '.join(map(str, switch_epochs)) or 'none'}")
     return [sum(e > s for s in switch_epochs) for e in range(1, epochs + 1)]
 
 

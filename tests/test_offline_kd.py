@@ -301,8 +301,8 @@ def test_anchor_schedule():
     assert anchor_schedule(1, 3) == [0, 0, 0]
     assert anchor_schedule(3, 2) == [1, 2]                        # fewer epochs than anchors: the later ones
     assert anchor_schedule(3, 6, [1, 5]) == [0, 1, 1, 1, 1, 2]
-    for bad in ([5], [3, 2], [2, 2]):
-        with pytest.raises(ValueError, match="increasing switch epochs"):
+    for bad in ([5], [3, 2], [2, 2], [2, 6]):
+        with pytest.raises(ValueError, match="increasing switch epochs below the 6 epochs"):
             anchor_schedule(3, 6, bad)
 
 
@@ -461,7 +461,7 @@ def run_guarded(argv, monkeypatch, capsys):
     (["--distill", "crd", "--alpha", "0.5"], "--alpha applies to --distill kd or rco, not crd"),
     (["--distill", "fitnet", "--hint-layer", "7"], "--hint-layer 7: the teacher has stages 1..3"),
     (["--distill", "rco", "--anchors", "3"], "--anchors 3: not in the route"),
-    (["--distill", "rco", "--switch-epochs", "1", "1"], "--switch-epochs: 2 anchors need 1 increasing"),
+    (["--distill", "rco", "--switch-epochs", "1", "1"], "--switch-epochs: 2 anchors need 1 increasing switch"),
     (["--distill", "bogus"], "invalid choice: 'bogus'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, tmp_path, teacher_dir, monkeypatch, capsys):
