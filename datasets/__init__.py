@@ -4,11 +4,13 @@ Datasets (``NAMES``): ``cifar10``/``cifar100`` (torchvision, downloadable),
 ``tinyimagenet`` (official ``tiny-imagenet-200/`` tree, downloadable, disk-backed),
 ``imagenet`` (ImageFolder ``train/``+``val/``, never downloaded, disk-backed),
 ``digits`` (scikit-learn, bundled) and ``synthetic`` (generated). See
-:mod:`datasets.vision` and :mod:`datasets.small` for layouts, splits and statistics.
+:mod:`datasets.vision` and :mod:`datasets.small` for layouts, splits and statistics;
+:class:`ContrastSampler` (:mod:`datasets.contrast`) draws CRD's positives and negatives.
 """
 
 from __future__ import annotations
 
+from .contrast import CONTRAST_MODES, ContrastSampler, train_targets
 from .core import DataBundle, DatasetNotFoundError, split_holdout, take_subset
 from .loaders import Loaders, make_loaders
 from .small import build_digits, build_synthetic
@@ -16,7 +18,8 @@ from .vision import build_cifar, build_imagenet, build_tinyimagenet, image_folde
 
 NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "digits", "synthetic")
 
-__all__ = ["NAMES", "DataBundle", "DatasetNotFoundError", "Loaders", "build", "image_folder", "make_loaders"]
+__all__ = ["CONTRAST_MODES", "NAMES", "ContrastSampler", "DataBundle", "DatasetNotFoundError", "Loaders", "build",
+           "image_folder", "make_loaders", "train_targets"]
 
 
 def _build_full(name: str, root: str, download: bool, synthetic: dict | None) -> DataBundle:

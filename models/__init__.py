@@ -18,7 +18,8 @@ models/okddip_backbones.py).  Each module's docstring says which released file i
 The multi-branch and multi-network models of OKDDip, ONE and CL-ILR are built by
 ``build_okddip`` (models/okddip.py) and listed by ``okddip_names``.
 ``script_init`` is the weight re-draw some released training scripts add on top.
-``load(path)`` rebuilds a network saved by a training script (models/checkpoints.py);
+``load(path)`` rebuilds a network saved by a training script, ``route_checkpoints(run_dir)``
+lists the training route a run kept (models/checkpoints.py);
 ``FeatureExtractor`` gives any network's stage outputs, pre-pooling map and embedding
 (models/features.py).
 """
@@ -26,7 +27,7 @@ import re
 
 import torch.nn as nn
 
-from .checkpoints import checkpoint_file, load, read_checkpoint
+from .checkpoints import ROUTE_FILE, checkpoint_file, load, read_checkpoint, route_checkpoints
 from .features import FeatureExtractor, find_features, match_stages
 from .mobilenet import MobileNet
 from .okddip import BACKBONES as OKDDIP_BACKBONES, BranchOutput, build_okddip, build_okddip_backbone, okddip_names
@@ -36,9 +37,9 @@ from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, LARGE_IMAGE, resn
 from .script_init import script_init
 from .wrn import wrn, wrn_official
 
-__all__ = ["VARIANTS", "BranchOutput", "FeatureExtractor", "NoOfficialArchitecture", "build", "build_okddip",
-           "checkpoint_file", "count_parameters", "find_features", "load", "match_stages", "names", "okddip_names",
-           "read_checkpoint", "script_init"]
+__all__ = ["ROUTE_FILE", "VARIANTS", "BranchOutput", "FeatureExtractor", "NoOfficialArchitecture", "build",
+           "build_okddip", "checkpoint_file", "count_parameters", "find_features", "load", "match_stages", "names",
+           "okddip_names", "read_checkpoint", "route_checkpoints", "script_init"]
 
 VARIANTS = ("paper", "official", "okddip")
 

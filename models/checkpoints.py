@@ -7,14 +7,23 @@ run directory itself, designates a network::
 
     net = models.load("checkpoints/switokd/cifar100-mobilenetv2_0.5-wrn_16_2-seed0", role="student")
     logits = net(images)          # eval mode, on the CPU unless device= says otherwise
+
+A run of ``train_vanilla.py --keep-epochs/--keep-route`` also keeps its network's training
+route, ``route_epoch<k>.pt`` after epoch k (the format of ``best_<role>.pt``; RCO's anchors):
+:data:`ROUTE_FILE`, :func:`route_checkpoints`.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
+
+ROUTE_FILE = "route_epoch{}.pt"
+"""The name of the route checkpoint kept after an epoch (``ROUTE_FILE.format(epoch)``)."""
+_ROUTE_PATTERN = re.compile(r"route_epoch([0-9]+)\.pt")
 
 
 def checkpoint_file(path, role: str | None = None) -> Path:
@@ -51,6 +60,18 @@ def checkpoint_file(path, role: str | None = None) -> Path:
     if not bests and (path / "last.pt").is_file():
         return path / "last.pt"
     raise ValueError(f"no checkpoint in {path}: expected best_<role>.pt, results.json or last.pt")
+
+
+def route_checkpoints(path) -> dict[int, Path]:
+    """The training route a run directory keeps: ``{epoch: route_epoch<epoch>.pt}``, by epoch (maybe empty).
+
+    A path that is not a directory raises ValueError.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a run directory")
+    found = {int(m[1]): f for f in path.iterdir() if (m := _ROUTE_PATTERN.fullmatch(f.name)) and f.is_file()}
+    return dict(sorted(found.items()))
 
 
 def read_checkpoint(path, role: str | None = None) -> dict:

@@ -59,6 +59,8 @@ METHODS = {
     "train_kdcl.py": "kdcl", "train_switokd.py": "switokd", "train_multi.py": "switokd_multi",
 }
 """The folder each training script writes its runs to (``Run(args, method, ...)``)."""
+METHOD_FLAGS = {"train_kd.py": "--distill"}
+"""Scripts whose flag names the method, and so the folder (train_kd.py --distill fitnet: ``fitnet``)."""
 
 SMOKE_FLAGS = {"--dataset": "digits", "--train-subset": "16", "--test-subset": "16", "--batch-size": "8",
                "--test-batch-size": "16", "--epochs": "1", "--workers": "0", "--device": "cpu"}
@@ -85,7 +87,8 @@ class Job:
 
     @property
     def method(self) -> str:
-        return METHODS[self.script]
+        chosen = flag_values(self.flags, METHOD_FLAGS[self.script]) if self.script in METHOD_FLAGS else None
+        return chosen[0] if chosen else METHODS[self.script]
 
     def run_dir(self, out: Path) -> Path:
         return out / self.experiment / self.method / self.name

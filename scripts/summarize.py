@@ -80,8 +80,8 @@ def facets(results: dict) -> dict:
     """What a cell can match: every field of results.json (not args, networks, provenance) and ``archs``."""
     out = flatten({k: v for k, v in results.items() if k not in ("args", "networks", "provenance", "invocations")})
     archs = [info["arch"] for info in results.get("networks", {}).values()]
-    if results.get("method") == "kd" and isinstance(results.get("teacher"), dict):
-        archs.append(results["teacher"].get("arch"))  # KD's fixed, pretrained teacher
+    if isinstance(results.get("teacher"), dict) and "teacher" not in results.get("networks", {}):
+        archs.append(results["teacher"].get("arch"))  # the fixed, pretrained teacher of train_kd.py's methods
     out["archs"] = sorted(a for a in archs if a)
     return out
 
@@ -89,7 +89,8 @@ def facets(results: dict) -> dict:
 def signature(run: RunRecord) -> str:
     """Everything that must agree for runs to be averaged together (all but the seed)."""
     settings = {k: v for k, v in run.facets.items()
-                if k not in ("seed", "wall_time_s", "epochs", "iterations", "teacher.file", "status")
+                if k not in ("seed", "wall_time_s", "epochs", "iterations", "teacher.file", "teacher.epoch", "status",
+                             "rco.anchors", "crd.z")
                 and not k.startswith(("expert_fraction", "paused_fraction", "seconds_per_iteration",
                                       "kdcl.general_weights", "teacher.test_", "provenance", "invocations",
                                       "settings.device"))}

@@ -49,7 +49,7 @@ def test_smoke_all_runs_every_script_to_the_end(smoke):
     experiments = {line.split()[1] for line in runs}
     assert experiments == {"table2", "table3", "table4", "table5", "table6", "table7", "fig1", "fig4", "fig5", "fig7"}
     finished = list(smoke.rglob("results.json"))
-    assert len(runs) == 97 and len(finished) == len(set(runs)) == 92  # fig6 lists 5 runs of table6 again
+    assert len(runs) == 101 and len(finished) == len(set(runs)) == 96  # fig6 lists 5 runs of table6 again
     assert not [p for p in smoke.rglob("last.pt") if not (p.parent / "results.json").is_file()]
     summary = (smoke / "summary.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. 4", "Fig. 1", "Fig. 5",
@@ -120,11 +120,14 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     commands = [line for line in lines if not line.startswith("#")]
-    assert len(commands) == 8 and "# --- wait for the runs above" in lines
-    assert lines.index("# --- wait for the runs above") == 6  # KD after its teachers
+    assert len(commands) == 16 and "# --- wait for the runs above" in lines
+    assert lines.index("# --- wait for the runs above") == 6  # the offline methods after their teachers
     assert all(c.startswith(("CUDA_VISIBLE_DEVICES=0 python ", "CUDA_VISIBLE_DEVICES=1 python ")) for c in commands)
     assert all("--data-root /data" in c and c.count("--amp") == 1 for c in commands)
-    kd = [c for c in commands if "train_kd.py" in c]
+    assert sum("--keep-route 4" in c for c in commands) == 2   # the teachers keep their route (RCO's anchors)
+    offline = [c for c in commands if "train_kd.py" in c]
+    assert [c.split("--distill ")[1].split()[0] for c in offline] == ["kd", "fitnet", "at", "crd", "rco"] * 2
+    kd = [c for c in offline if "--distill kd" in c]
     assert kd[1].endswith("--run-name cifar100-wrn_16_2-wrn_40_2-seed1")
     assert f"--teacher-ckpt {tmp_path}/runs/table5/vanilla/cifar100-wrn_40_2-seed1" in kd[1]
     assert not (tmp_path / "runs").exists()
