@@ -449,8 +449,7 @@ def test_kd_refuses_a_teacher_of_another_dataset(tmp_path, teacher_dir, monkeypa
 
 
 def test_kd_refuses_mismatching_missing_or_corrupt_files(tmp_path):
-    run = SimpleNamespace(data=SimpleNamespace(name="synthetic", num_classes=10, image_size=32),
-                          device=torch.device("cpu"), memory_format=torch.contiguous_format)
+    data = SimpleNamespace(name="synthetic", num_classes=10, image_size=32)
     last_wrong = tmp_path / "last.pt"
     five_classes = models.build("wrn_16_1", 5).state_dict()
     torch.save({"networks": {"teacher": "wrn_16_1"}, "models": {"teacher": five_classes}}, last_wrong)
@@ -468,5 +467,5 @@ def test_kd_refuses_mismatching_missing_or_corrupt_files(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     for path, message in cases:
         with pytest.raises(utils.UsageError, match=message) as error:
-            train_kd.load_teacher(path, run)
+            train_kd.load_teacher(path, data, torch.device("cpu"), torch.contiguous_format)
         assert "\n" not in str(error.value) and str(error.value).startswith("--teacher-ckpt")
