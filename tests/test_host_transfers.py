@@ -83,7 +83,10 @@ def test_baseline_iterations_copy_nothing(transfers):
     train_vanilla.train_step(a, optimizers["student"], x, y, PRECISION)
     train_dml.train_step(roles, optimizers, x, y, 1.0, PRECISION)
     train_kdcl.train_step(roles, optimizers, torch.cat([x, x]), y, 2, "minlogit", None, 2.0, 1.0, PRECISION)
-    train_kd.train_step(a, b.eval(), optimizers["student"], x, y, 0.1, 3.0, PRECISION)
+    def kd(z_s, z_t, f_s, f_t, targets):
+        total, ce, kl = train_kd.kd_loss(z_s, z_t, targets, 0.1, 3.0)
+        return total, {"ce": ce, "kl": kl}
+    train_kd.train_step(train_kd.plain(a), train_kd.plain(b.eval()), [optimizers["student"]], x, y, kd, PRECISION)
     assert transfers == []
 
 

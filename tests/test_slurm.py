@@ -55,10 +55,10 @@ def test_slurm_dry_run_waits_at_barriers_and_resumes(tmp_path):
     lines = done.stdout.splitlines()
     wait = lines.index("# --- wait for the jobs above")
     assert "#SBATCH --array=0-2%3" in lines[:wait] and "#SBATCH --gpus-per-node=1" in lines
-    assert lines[wait + 1] == "# phase 2: one job, submitted by submitit with:"
-    assert "#SBATCH --job-name=table5-cifar100-wrn_16_2-wrn_40_2-seed0" in lines[wait:]
+    assert lines[wait + 1] == "# phase 2: a job array of 5 jobs, submitted by submitit with:"
+    assert "#SBATCH --array=0-4%5" in lines[wait:] and "# job 4: table5/rco/cifar100-wrn_16_2-wrn_40_2-seed0" in lines
     commands = [line for line in lines if not line.startswith("#")]
-    assert [c.endswith("--resume") for c in commands] == [True, False, False, False]
+    assert [c.endswith("--resume") for c in commands] == [True] + [False] * 7
     assert "train_kd.py" in commands[-1]
 
 
@@ -98,10 +98,10 @@ def test_table_script_through_submitit_local_executor(tmp_path):
     done = bash("table5_offline_kd.sh", "--smoke", "--slurm-local", "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0] == "4 runs, 0 finished already; one job each through submitit's local executor"
+    assert lines[0] == "8 runs, 0 finished already; one job each through submitit's local executor"
     kd = next(i for i, line in enumerate(lines) if "submitted table5/kd/" in line)
     assert sum("] done  table5/" in line for line in lines[:kd]) == 3  # the barrier: KD after its teacher
-    assert len(list(out.rglob("results.json"))) == 4
+    assert len(list(out.rglob("results.json"))) == 8
     kd_run = out / "table5" / "kd" / "cifar100-wrn_16_2-wrn_40_2-seed0"
     job_id = (out / "table5" / "logs" / "slurm" / "kd-cifar100-wrn_16_2-wrn_40_2-seed0.job").read_text().split()[0]
     assert (out / "table5" / "logs" / "slurm" / f"{job_id}_0_log.out").is_file()  # submitit's logs
@@ -109,7 +109,7 @@ def test_table_script_through_submitit_local_executor(tmp_path):
     (kd_run / "results.json").unlink()  # interrupted after its last epoch: last.pt, no results.json
     done = bash("table5_offline_kd.sh", "--smoke", "--slurm-local", "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.splitlines()[0].startswith("4 runs, 3 finished already")
+    assert done.stdout.splitlines()[0].startswith("8 runs, 7 finished already")
     assert sum("submitted" in line for line in done.stdout.splitlines()) == 1
     log = (out / "table5" / "logs" / "kd-cifar100-wrn_16_2-wrn_40_2-seed0.log").read_text()
     commands = [line for line in log.splitlines() if line.startswith("$ python")]
