@@ -24,10 +24,10 @@ fail() { echo "smoke_all.sh: $*" >&2; exit 1; }
 plan="$OUT/smoke-plan.txt"
 : >"$plan"
 for script in table2_ablation table3_temperature table4_comparison table5_offline_kd table6_imagenet \
-              table7_three_networks fig1_fig5_capacity fig4_switching fig7_time; do
+              table7_three_networks fig1_fig5_capacity fig4_switching fig7_time okddip_cifar; do
   PLAN_SINK="$plan" "scripts/$script.sh" || fail "scripts/$script.sh failed"
 done
-echo "== $(grep -c '^run ' "$plan") runs from 9 scripts"
+echo "== $(grep -c '^run ' "$plan") runs from 10 scripts"
 "$PYTHON" scripts/launch.py "$plan" --out "$OUT" --smoke --in-process || fail "some runs failed (logs above)"
 
 echo "== summary and figures"
