@@ -20,6 +20,8 @@ leader excluded), the peers' mean accuracy and the release's diversity ``dist``.
 """
 import utils  # first: Ctrl-C during the slow imports then ends quietly
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -121,6 +123,9 @@ def parse_args(argv=None):
     args = utils.parse_args(p, argv)
     if args.shared_dense_block and (args.backbone != "densenet40_12" or args.network_based):
         p.error("--shared-dense-block applies to the branch-based densenet40_12 only")
+    if args.detach_targets and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("--detach-targets leaves W_Q and W_K without gradient, which DistributedDataParallel rejects; "
+                "run it in one process")
     return args
 
 
