@@ -58,7 +58,9 @@ def one_loss(logits, gate, targets, weight, alpha=1.0, tau=3.0, detach=False):
 
 
 def peer_mean_targets(logits):
-    """CL-ILR's targets x_k = (1/(m-1)) sum_{j != k} z_j, the other branches' mean LOGITS (facts Sec. 1.6); (m, B, C)."""
+    """CL-ILR's targets x_k = (1/(m-1)) sum_{j != k} z_j, the other branches' mean LOGITS (facts Sec. 1.6).
+
+    ``logits`` (m, B, C); returns (m, B, C)."""
     return torch.stack([torch.cat([logits[:k], logits[k + 1:]]).mean(0) for k in range(len(logits))])
 
 

@@ -267,7 +267,8 @@ def build_okddip_named(name: str, num_classes: int) -> nn.Module:
     if kwargs is None:
         raise ValueError(f"bad OKDDip model name {name!r}; expected {NAME_FORM}")
     if kwargs["backbone"] not in BACKBONES:
-        raise ValueError(f"unknown OKDDip backbone {kwargs['backbone']!r} in {name!r}; choose from {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown OKDDip backbone {kwargs['backbone']!r} in {name!r}; "
+                         f"choose from {', '.join(BACKBONES)}")
     if kwargs["method"] == "baseline" and "branches" in kwargs:
         raise ValueError(f"{name!r}: a baseline has no branches; drop the @m")
     return build_okddip(num_classes, **kwargs)
