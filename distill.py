@@ -9,6 +9,10 @@ Each training script writes its own losses from these; none of them trains anyth
   :func:`adaptive_threshold` (Eqn. 13), :func:`switching_statistics`, :func:`expert_mode`
   (Algorithm 1, line 5, under the two rules of :data:`SWITCH_RULES`) and
   :func:`switching_decision`, which puts them together.
+* The OKDDip release's shared pieces (Chen et al., AAAI 2020; docs/OKDDIP.md, cited as "facts Sec. x"
+  from shared/reference/okddip-code-facts.md), used by ``train_okddip.py``, ``train_one.py`` and
+  ``train_dml.py``: :func:`okddip_kl` (its ``utils.KL_Loss``), :func:`consistency_weight` (its
+  ramp-up) and :func:`release_diversity` / :class:`DiversityMeter` (its ``dist``).
 """
 from __future__ import annotations
 
@@ -35,6 +39,70 @@ def kl_loss(target_logits, logits, tau=1.0, detach=True):
         target_logits = target_logits.detach()
     return tau ** 2 * F.kl_div(F.log_softmax(logits / tau, dim=1), F.log_softmax(target_logits / tau, dim=1),
                                reduction="batchmean", log_target=True)
+
+
+def okddip_kl(target_logits, logits, tau=3.0):
+    """The OKDDip release's distillation term ``utils.KL_Loss`` (facts Sec. 0, 6.4), used by every method there.
+
+    ``T^2 (1/B) sum_b sum_c p_bc (log p_bc - log softmax(s_b / T)_c)`` with ``p = softmax(t / T) + 1e-7``:
+    forward KL(teacher || student), "batchmean", T^2 inside the term, 1e-7 added to every teacher
+    probability (the target then sums to 1 + C 1e-7; not renormalised). NOTHING is detached: the
+    gradient also flows into ``target_logits`` (and whatever computed them), as in the release;
+    a caller that wants a fixed target passes ``target_logits.detach()``.
+    """
+    p = F.softmax(target_logits / tau, dim=1) + 1e-7
+    return tau ** 2 * F.kl_div(F.log_softmax(logits / tau, dim=1), p, reduction="batchmean")
+
+
+def consistency_weight(epoch, length=80):
+    """The ramp-up w(e) = exp(-5 (1 - clip(e, 0, L) / L)^2) of the OKDDip release (facts Sec. 0, 6.5).
+
+    ``epoch`` is the 0-based epoch index: the release evaluates w once per epoch, so w(0) = 0.0067,
+    w(40) = 0.2865, w(e >= L) = 1 (ONE's code, after Laine & Aila). ``length`` L = 0 gives 1 (no ramp).
+    The release's ``--start_consistency`` (default 0, never used) is not reproduced.
+    """
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def release_diversity(logits):
+    """The release's peer diversity ``dist`` of each image (facts Sec. 3.1, 6.19), shape (B,).
+
+    ``logits`` (m, B, C), branch k = ``logits[k]``; with ``p_k = softmax(z_k)`` (T = 1):
+    ``(1/3) sum_{0 <= j < k <= m-2} ||p_j - p_k||_2``. Reproduced with its quirks: the pairs run over
+    branches 0..m-2 only (the last branch, OKDDip's leader, never counts; in ONE/CL-ILR/Ind the last
+    branch is simply ignored) and the divisor is 3 whatever m (3 = the number of pairs when m = 4).
+    """
+    p = F.softmax(logits.float(), dim=-1)
+    total = p.new_zeros(p.shape[1])
+    for j in range(len(p) - 1):
+        for k in range(j + 1, len(p) - 1):
+            total = total + (p[j] - p[k]).norm(dim=1)
+    return total / 3
+
+
+class DiversityMeter:
+    """The mean of :func:`release_diversity` over a test pass: ``add(logits)`` per batch, then ``value()``.
+
+    ``value(reduce)``: ``reduce`` averages the (sum, count) pair over processes (``utils.all_reduce_mean``),
+    so every image weighs the same (the release averages per image too).
+    """
+
+    def __init__(self):
+        self.sums = None  # (sum of the per-image values, number of images), on the logits' device
+
+    def add(self, logits):
+        d = release_diversity(logits).double()
+        batch = torch.stack([d.sum(), d.new_tensor(len(d))])
+        self.sums = batch if self.sums is None else self.sums + batch
+
+    def value(self, reduce=lambda t: t):
+        if self.sums is None:
+            return float("nan")
+        total, count = reduce(self.sums).tolist()
+        return total / count
 
 
 def label_distance(logits, targets, tau=1.0):

@@ -579,6 +579,31 @@ def evaluate(model, loader, autocast=nullcontext) -> dict:
                             nets, loader, autocast)["net"]
 
 
+def mean_metrics(metrics: list[dict]) -> dict:
+    """Several outputs' metrics averaged key by key (e.g. the mean top-1, top-5 and loss of a model's branches:
+    what the OKDDip release reports for ONE, CL-ILR and individual branches)."""
+    return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+
+
+def history_summary(history: list[dict], at_epoch: int, keys=()) -> dict:
+    """What the metrics rows say of every evaluated output (``test/<name>/top1``) and of ``keys``.
+
+    Per output: ``best_top1`` (over the epochs), ``final_top1``, and ``top1_at_best`` = at epoch
+    ``at_epoch`` (the epoch at which the run's reported metric was best: what a log of "the best
+    epoch" holds for the other outputs). Per key: ``final`` and ``at_best``, plus ``per_epoch``.
+    """
+    rows = {row["epoch"]: row for row in history}
+    at, last = rows.get(at_epoch, {}), (history[-1] if history else {})
+    names = list(dict.fromkeys(k.split("/")[1] for row in history for k in row
+                               if k.startswith("test/") and k.endswith("/top1")))
+    out = {"outputs": {name: {"best_top1": max(row.get(f"test/{name}/top1", -1.0) for row in history),
+                              "final_top1": last.get(f"test/{name}/top1"),
+                              "top1_at_best": at.get(f"test/{name}/top1")} for name in names}}
+    for key in keys:
+        out[key] = {"final": last.get(key), "at_best": at.get(key), "per_epoch": [row.get(key) for row in history]}
+    return out
+
+
 # =========================================================================== precision
 
 class Precision:

@@ -8,6 +8,10 @@ mapping (N, 3, H, W) images to (N, num_classes) logits.  Names:
 * ``wrn_<depth>_<width>`` - Wide ResNets, depth = 6n+4 (wrn.py)
 * ``mobilenet`` - CIFAR MobileNet v1 (mobilenet.py)
 * ``mobilenetv2`` / ``mobilenetv2_<width>`` - MobileNetV2; torchvision's from 64 px (mobilenetv2.py)
+* ``<method>:<backbone>[-shared][@m]`` - the OKDDip release's models (models/okddip.py), any variant:
+  ``okddip: one: clilr: ind: okddip-net: baseline:`` on ``resnet32 resnet110 wrn_20_8 vgg16
+  densenet40_12 resnet18 resnet34``; ``-shared`` = the release's shared DenseNet block 3; ``@m``
+  branches (default 4).  E.g. ``okddip:resnet32``, ``one:vgg16@3``.  They return a ``BranchOutput``.
 
 ``variant`` is one of ``VARIANTS``: ``"paper"`` builds the standard published
 architectures with He initialisation; ``"official"`` builds the architectures and
@@ -30,7 +34,8 @@ import torch.nn as nn
 from .checkpoints import ROUTE_FILE, checkpoint_file, load, read_checkpoint, route_checkpoints
 from .features import FeatureExtractor, find_features, match_stages
 from .mobilenet import MobileNet
-from .okddip import BACKBONES as OKDDIP_BACKBONES, BranchOutput, build_okddip, build_okddip_backbone, okddip_names
+from .okddip import (BACKBONES as OKDDIP_BACKBONES, BranchOutput, build_okddip, build_okddip_backbone,
+                     build_okddip_named, okddip_name, okddip_names)
 from .mobilenetv2 import mobilenetv2
 from .resnet_cifar import DEPTHS as CIFAR_RESNET_DEPTHS, resnet_cifar
 from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, LARGE_IMAGE, resnet_imagenet
@@ -39,7 +44,7 @@ from .wrn import wrn, wrn_official
 
 __all__ = ["ROUTE_FILE", "VARIANTS", "BranchOutput", "FeatureExtractor", "NoOfficialArchitecture", "build",
            "build_okddip", "checkpoint_file", "count_parameters", "find_features", "load", "match_stages", "names",
-           "okddip_names", "read_checkpoint", "route_checkpoints", "script_init"]
+           "okddip_name", "okddip_names", "read_checkpoint", "route_checkpoints", "script_init"]
 
 VARIANTS = ("paper", "official", "okddip")
 
@@ -72,6 +77,8 @@ def build(name: str, num_classes: int, image_size: int = 32, variant: str = "pap
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if ":" in name:  # OKDDip-release models by name; the name fixes the architecture, whatever the variant
+        return build_okddip_named(name, num_classes)
     if variant == "okddip":
         if name not in OKDDIP_BACKBONES:
             raise NoOfficialArchitecture(f"{name!r} has no OKDDip architecture; the OKDDip release has "

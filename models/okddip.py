@@ -14,9 +14,9 @@ branches reading the same trunk output, plus the method's extra module:
 * ``clilr`` - no extra module; ILR (backprop rescaling, :class:`ScaleGradient`) on by default.
 * ``ind`` - m independent branches.  The release BUILDS the ONE gate for ``--ind`` but never
   uses it, so its parameter count equals ONE's; reproduced here: ``model.gate`` exists, is not
-  run, and never gets a gradient.  Under DistributedDataParallel either wrap with
-  ``find_unused_parameters=True`` or call ``model.gate.requires_grad_(False)`` before wrapping
-  (DDP ignores frozen parameters).  Every other model here uses all of its parameters, provided
+  run, and is frozen (``requires_grad_(False)``), so DistributedDataParallel needs no
+  ``find_unused_parameters`` (DDP ignores frozen parameters; SGD skips them, as the release's
+  SGD skips its gradient-less gate).  Every other model here uses all of its parameters, provided
   the loss uses the returned attention (OKDDip's query/key learn only through the peers' targets)
   and gate.
 
@@ -33,6 +33,7 @@ Network-based OKDDip (facts Sec. 1.7, ``--MulStu``): m independent baseline netw
 head then has the baseline's dropout 0.0, since ``train_GL.py`` passes ``--dropout``, default 0)
 and the same attention on their pooled features; the last network is the leader.
 """
+import re
 from typing import NamedTuple, Optional
 
 import torch
@@ -47,7 +48,8 @@ BB_DROPOUT = 0.5  # VGG head dropout of every multi-branch model (facts Sec. 1.3
 
 __all__ = ["BACKBONES", "CIFAR_BACKBONES", "IMAGENET_BACKBONES", "METHODS", "BranchOutput", "ScaleGradient",
            "PeerAttention", "OneGate", "BranchedNet", "NetworkOKDDip", "build_okddip_backbone", "build_branched",
-           "build_network_based", "build_okddip", "okddip_names"]
+           "build_network_based", "build_okddip", "build_okddip_named", "okddip_name", "okddip_names",
+           "parse_okddip_name"]
 
 
 class BranchOutput(NamedTuple):
@@ -184,6 +186,8 @@ def build_branched(backbone: str, num_classes: int, method: str, branches: int =
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     parts = split(backbone, num_classes, branches, dropout=BB_DROPOUT, shared_dense_block=shared_dense_block)
     model = BranchedNet(parts, method, method == "clilr" if ilr is None else ilr)
+    if method == "ind":  # built, never run (module docstring): frozen, so DDP needs no find_unused_parameters
+        model.gate.requires_grad_(False)
     # vgg_GL.py keeps PyTorch's default Linear biases, vgg_one.py zeroes them (facts Sec. 1.1)
     return init_weights(model, family(backbone), zero_linear_bias=method != "okddip")
 
@@ -224,3 +228,47 @@ def okddip_names(imagenet: bool = True) -> list[tuple[str, dict]]:
                     for m in METHODS]
         out.append((f"okddip-net:{backbone}", dict(method="okddip-net", backbone=backbone)))
     return out
+
+
+NAME = re.compile(r"(?P<method>baseline|okddip-net|okddip|one|clilr|ind):(?P<backbone>[a-z0-9_]+?)"
+                  r"(?P<shared>-shared)?(?:@(?P<branches>\d+))?")
+NAME_FORM = "<method>:<backbone>[-shared][@m], e.g. okddip:resnet32, one:vgg16@3, clilr:densenet40_12-shared"
+
+
+def okddip_name(method: str, backbone: str, branches: int = 4, shared_dense_block: bool = False) -> str:
+    """The registry name of a model of :func:`build_okddip`: ``<method>:<backbone>[-shared][@m]``.
+
+    ``@m`` only when m differs from the release's 4; ``-shared`` = the release's shared DenseNet
+    block 3.  ``models.build(name, num_classes)`` builds it (:func:`build_okddip_named`).
+    """
+    return f"{method}:{backbone}{'-shared' if shared_dense_block else ''}{'' if branches == 4 else f'@{branches}'}"
+
+
+def parse_okddip_name(name: str) -> Optional[dict]:
+    """``build_okddip``'s keyword arguments for a name of :func:`okddip_name`'s form; None for another name."""
+    m = NAME.fullmatch(name)
+    if m is None:
+        return None
+    kwargs = dict(method=m["method"], backbone=m["backbone"])
+    if m["shared"]:
+        kwargs["shared_dense_block"] = True
+    if m["branches"] is not None:
+        kwargs["branches"] = int(m["branches"])
+    return kwargs
+
+
+def build_okddip_named(name: str, num_classes: int) -> nn.Module:
+    """``models.build`` for ``<method>:<backbone>[-shared][@m]`` names (m = 4 by default).
+
+    ``baseline`` is the release's single network (no ``-shared``/``@m``); the ``ind`` model's
+    unused ONE gate is frozen (module docstring).  A bad name or combination raises ValueError.
+    """
+    kwargs = parse_okddip_name(name)
+    if kwargs is None:
+        raise ValueError(f"bad OKDDip model name {name!r}; expected {NAME_FORM}")
+    if kwargs["backbone"] not in BACKBONES:
+        raise ValueError(f"unknown OKDDip backbone {kwargs['backbone']!r} in {name!r}; "
+                         f"choose from {', '.join(BACKBONES)}")
+    if kwargs["method"] == "baseline" and "branches" in kwargs:
+        raise ValueError(f"{name!r}: a baseline has no branches; drop the @m")
+    return build_okddip(num_classes, **kwargs)

@@ -26,7 +26,8 @@ through submitit, with the same semantics (scripts/slurm_backend.py): ``--partit
 
 ``--smoke`` turns every run into a tiny one on the same code path: ``digits`` data,
 16 training and 16 test images, batch 8, one epoch, CPU, every network replaced by a
-small Wide ResNet of the same capacity class (:data:`SMOKE_MODELS`). ``--in-process``
+small Wide ResNet of the same capacity class (:data:`SMOKE_MODELS`; the OKDDip release's
+networks by its ResNet-32, :data:`OKDDIP_SMOKE_BACKBONE`). ``--in-process``
 runs the commands one after another inside this process (exactly what ``python
 script.py flags`` runs, without paying Python's and torch's start-up for every run);
 smoke runs use one CPU thread (``OMP_NUM_THREADS=1``), much faster for tiny networks on a
@@ -57,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 METHODS = {
     "train_vanilla.py": "vanilla", "train_kd.py": "kd", "train_dml.py": "dml",
     "train_kdcl.py": "kdcl", "train_switokd.py": "switokd", "train_multi.py": "switokd_multi",
+    "train_okddip.py": "okddip", "train_one.py": "one",
 }
 """The folder each training script writes its runs to (``Run(args, method, ...)``)."""
 METHOD_FLAGS = {"train_kd.py": "--distill"}
@@ -71,7 +73,20 @@ SMOKE_MODELS = {
 }
 """Smoke mode: each network -> a small WRN by parameter count (< 1M, 1-5M, > 5M), so that
 larger teachers stay larger; a name not listed becomes ``wrn_10_1``."""
-MODEL_FLAGS = ("--model", "--student", "--teacher", "--models", "--teachers", "--students")
+MODEL_FLAGS = ("--model", "--student", "--teacher", "--models", "--teachers", "--students", "--backbone")
+OKDDIP_SMOKE_BACKBONE = "resnet32"
+"""Smoke mode for the OKDDip release's networks, which have no small WRN (``--backbone``, ``<method>:<backbone>``
+names, any network under ``--recipe okddip`` / ``--arch-variant okddip``): every backbone -> its smallest
+CIFAR backbone; ``-shared`` (DenseNet only) is dropped, ``@m`` kept."""
+
+
+def smoke_model(name: str, okddip: bool) -> str:
+    """The network a smoke run trains instead of ``name`` (see :data:`SMOKE_MODELS`, :data:`OKDDIP_SMOKE_BACKBONE`)."""
+    if ":" in name:
+        method, _, rest = name.partition(":")
+        branches = rest.partition("@")[2]
+        return f"{method}:{OKDDIP_SMOKE_BACKBONE}" + (f"@{branches}" if branches else "")
+    return OKDDIP_SMOKE_BACKBONE if okddip else SMOKE_MODELS.get(name, "wrn_10_1")
 
 
 class PlanError(Exception):
@@ -160,10 +175,12 @@ def flag_values(flags: list[str], flag: str) -> list[str] | None:
 
 def smoke_flags(flags: list[str]) -> list[str]:
     """A run's flags made tiny: see the module docstring."""
+    okddip = "okddip" in (flag_values(flags, "--recipe") or []) + (flag_values(flags, "--arch-variant") or [])
     for flag in MODEL_FLAGS:
         names = flag_values(flags, flag)
         if names:
-            flags = set_flag(flags, flag, [SMOKE_MODELS.get(n, "wrn_10_1") for n in names])
+            flags = set_flag(flags, flag, [smoke_model(n, okddip or flag == "--backbone") for n in names])
+    flags = [f for f in flags if f != "--shared-dense-block"]
     for flag, value in SMOKE_FLAGS.items():
         flags = set_flag(flags, flag, [value])
     return flags if "--no-progress" in flags else flags + ["--no-progress"]

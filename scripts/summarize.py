@@ -18,7 +18,10 @@ that have runs (``--all``: every row); a cell holds the runs of its experiment w
 results.json matches the cell (see the file's ``_about``): best and final top-1 (%), each
 as mean ± sample standard deviation (ddof = 1; "–" for a single run) over seeds, the
 number of runs, and the published value with our best mean minus it (the paper reports
-the best test accuracy over training). Groups that no cell claims are listed after their
+the best test accuracy over training). A table with ``"metric": "error"`` shows top-1 error
+(100 - top-1; "best" is then the lowest error); a row or column with ``"value": {"best": PATH,
+"final": PATH}`` reads its two numbers from those dotted paths of results.json instead of a
+network's accuracy (e.g. a cohort's mean accuracy, an ensemble's). Groups that no cell claims are listed after their
 experiment's table, one row per network. A run is finished when its results.json says so
 (``status``); runs with only last.pt are listed as in progress; a results.json that cannot
 be read is skipped with a warning; a run whose accuracy is not finite (a diverged run) is
@@ -93,7 +96,7 @@ def signature(run: RunRecord) -> str:
                              "rco.anchors", "crd.z")
                 and not k.startswith(("expert_fraction", "paused_fraction", "seconds_per_iteration",
                                       "kdcl.general_weights", "teacher.test_", "provenance", "invocations",
-                                      "settings.device"))}
+                                      "settings.device", "measured."))}
     networks = {role: info.get("arch") for role, info in run.results.get("networks", {}).items()}
     return json.dumps([networks, settings], sort_keys=True, default=str)
 
@@ -226,13 +229,20 @@ class Cell:
     paper: float | None
     paper_std: float | None
     runs: list
+    value: dict | None = None
 
     def values(self):
-        """(best values, final values) of the cell's runs (hours: total wall time, no 'final')."""
+        """(best values, final values) of the cell's runs (hours: total wall time, no 'final'; error: 100 - top-1)."""
         if self.metric == "hours":
             return [r.results.get("wall_time_s", 0) / 3600 for r in self.runs], []
-        pairs = [r.accuracy(self.network, self.role) for r in self.runs]
-        pairs = [p for p in pairs if p is not None]
+        if self.value:
+            pairs = [(r.facets.get(self.value["best"]), r.facets.get(self.value.get("final"))) for r in self.runs]
+            pairs = [p for p in pairs if p[0] is not None]
+        else:
+            pairs = [r.accuracy(self.network, self.role) for r in self.runs]
+            pairs = [p for p in pairs if p is not None]
+        if self.metric == "error":
+            pairs = [tuple(None if v is None else 100.0 - v for v in p) for p in pairs]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -249,7 +259,8 @@ def build_cells(table: dict, runs) -> list[list[Cell]]:
             mean, std = (paper if isinstance(paper, list) else (paper, None))
             claimed = [r for r in runs if r.experiment == table["id"] and matches(r, match, network)]
             cells.append(Cell(table["id"], row["name"], column["name"], network, role,
-                              column.get("metric", "top1"), mean, std, claimed))
+                              column.get("metric", table.get("metric", "top1")), mean, std, claimed,
+                              row.get("value") or column.get("value")))
         grid.append(cells)
     return grid
 
@@ -265,7 +276,7 @@ def cell_text(cell: Cell) -> str:
             f_mean, f_std, _ = mean_std(final)
             parts.append(f"{fmt(b_mean, b_std)} / {fmt(f_mean, f_std)} (n={n})")
     elif cell.runs:
-        parts.append(f"no {cell.network or cell.role} in its runs")
+        parts.append(f"no {cell.network or cell.role or (cell.value or {}).get('best')} in its runs")
     else:
         parts.append(DASH)
     if cell.paper is not None:
@@ -321,6 +332,8 @@ def markdown(root, tables, runs, unfinished, excluded, show_all=False) -> str:
         if not shown and table["id"] not in experiments:
             continue
         out += [f"## {table['title']}", ""]
+        if table.get("metric") == "error":
+            out += ["Top-1 ERROR % (100 - top-1): best = the lowest error over training.", ""]
         header = [""] + [c["name"] for c in table["columns"]]
         if shown:
             out.append(markdown_table(header, [[cells[0].row] + [cell_text(c) for c in cells] for cells in shown]))

@@ -22,7 +22,7 @@ import summarize  # noqa: E402
 
 EXPERIMENT_SCRIPTS = ["table2_ablation", "table3_temperature", "table4_comparison", "table5_offline_kd",
                       "table6_imagenet", "table7_three_networks", "fig1_fig5_capacity", "fig4_switching",
-                      "fig6_gradcam", "fig7_time"]
+                      "fig6_gradcam", "fig7_time", "okddip_cifar"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -47,13 +47,14 @@ def test_smoke_all_runs_every_script_to_the_end(smoke):
     plan = (smoke / "smoke-plan.txt").read_text()
     runs = [line for line in plan.splitlines() if line.startswith("run ")]
     experiments = {line.split()[1] for line in runs}
-    assert experiments == {"table2", "table3", "table4", "table5", "table6", "table7", "fig1", "fig4", "fig5", "fig7"}
+    assert experiments == {"table2", "table3", "table4", "table5", "table6", "table7", "fig1", "fig4", "fig5", "fig7",
+                           "okddip_cifar"}
     finished = list(smoke.rglob("results.json"))
-    assert len(runs) == 101 and len(finished) == len(set(runs)) == 96  # fig6 lists 5 runs of table6 again
+    assert len(runs) == 107 and len(finished) == len(set(runs)) == 102  # fig6 lists 5 runs of table6 again
     assert not [p for p in smoke.rglob("last.pt") if not (p.parent / "results.json").is_file()]
     summary = (smoke / "summary.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. 4", "Fig. 1", "Fig. 5",
-                  "Fig. 7"):
+                  "Fig. 7", "OKDDip"):
         assert f"## {title}" in summary
     assert "In progress" not in summary and "No run matches a cell" in summary  # digits runs: in no paper cell
     every = io.StringIO()
@@ -413,7 +414,7 @@ def test_summarize_runs_table_has_one_row_per_run_and_network(tmp_path):
 def test_published_numbers_fill_every_grid():
     tables = json.loads((SCRIPTS / "published.json").read_text())["tables"]
     assert [t["id"] for t in tables] == ["table2", "table3", "table4", "table5", "table6", "table7", "fig4", "fig1",
-                                         "fig5", "fig7"]
+                                         "fig5", "fig7", "okddip_cifar"]
     for table in tables:
         for row in table["rows"]:
             assert len(row["paper"]) == len(table["columns"]), (table["id"], row["name"])
