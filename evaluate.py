@@ -9,7 +9,9 @@ A run directory stands for every network it trained (its ``best_<role>.pt``, or 
 ``--weights last`` the networks of ``last.pt``), evaluated on the data it was tested on
 (dataset and test subset from its ``results.json``/``args.json``), so the numbers
 reproduce the ones recorded there. With several networks the ensemble (mean of their
-logits) is evaluated too. In Python: ``models.load(path)`` gives one network, ready to use.
+logits) is evaluated too; a multi-branch network (OKDDip, ONE, CL-ILR) gives every branch
+and what its script reports (OKDDip: the leader; the others: the mean of the branches).
+In Python: ``models.load(path)`` gives one network, ready to use.
 """
 import utils  # first: Ctrl-C during the slow imports then ends quietly
 
@@ -33,6 +35,14 @@ def networks_of(path: Path, weights: str) -> list[tuple[str, Path, str | None]]:
     if not found:
         raise utils.UsageError(f"no best_<role>.pt in {path}; pass --weights last or a checkpoint file")
     return [(f.stem.removeprefix("best_"), f, f.stem.removeprefix("best_")) for f in found]
+
+
+def reported_metric(arch: str, branches: dict) -> dict:
+    """A multi-branch network's metric as the OKDDip release reports it: OKDDip's leader (the last
+    branch); ONE, CL-ILR, individual branches: the mean of the branches' metrics."""
+    if arch.startswith("okddip"):
+        return branches[list(branches)[-1]]
+    return {key: sum(m[key] for m in branches.values()) / len(branches) for key in ("top1", "top5", "loss")}
 
 
 def recorded_args(path: Path) -> dict:
@@ -106,23 +116,38 @@ def main(argv=None):
     precision = utils.Precision(device, args.amp)
 
     def outputs(images):
-        logits = {name: net(images).float() for name, net in nets.items()}
-        if len(logits) > 1:
-            logits["ensemble"] = torch.stack(list(logits.values())).mean(0)
+        logits = {}
+        for name, net in nets.items():
+            out = net(images)
+            if isinstance(out, models.BranchOutput):  # OKDDip, ONE, CL-ILR: every branch, then as reported
+                logits.update({f"{name}/branch{k}": z.float() for k, z in enumerate(out.logits)})
+            else:
+                logits[name] = out.float()
+        if len(nets) > 1:
+            logits["ensemble"] = torch.stack([z for n, z in logits.items() if n in nets]).mean(0)
         return logits
     metrics = utils.evaluate_outputs(outputs, list(nets.values()), loader, precision.autocast)
+    for (name, info) in zip(nets, infos):
+        if name not in metrics:  # a multi-branch network: what its training script reports
+            metrics[name] = reported_metric(info["arch"], {k: v for k, v in metrics.items() if k.startswith(f"{name}/")})
     report = {"dataset": dataset, "split": str(args.image_folder) if args.image_folder else "test",
               "images": len(test), "networks": {name: {**metrics[name], "arch": info["arch"], "file": info["file"]}
                                                 for name, info in zip(nets, infos)}}
     if "ensemble" in metrics:
         report["ensemble"] = {**metrics["ensemble"], "members": list(nets)}
+    branches = {name: m for name, m in metrics.items() if "/" in name}
+    if branches:
+        report["branches"] = branches
     if args.json:
         print(json.dumps(report, indent=2))
         return report
     print(f"{dataset} {report['split']}: {report['images']} images")
-    print(f"{'network':<14} {'arch':<18} {'top-1':>8} {'top-5':>8} {'loss':>8}")
-    for name, m in {**report["networks"], **({"ensemble": report["ensemble"]} if "ensemble" in report else {})}.items():
-        print(f"{name:<14} {m.get('arch', 'mean of logits'):<18} {m['top1']:>7.2f}% {m['top5']:>7.2f}% {m['loss']:>8.4f}")
+    rows = {**report["networks"], **branches, **({"ensemble": report["ensemble"]} if "ensemble" in report else {})}
+    width = max(14, *map(len, rows))
+    print(f"{'network':<{width}} {'arch':<22} {'top-1':>8} {'top-5':>8} {'loss':>8}")
+    for name, m in rows.items():
+        arch = m.get("arch", "mean of logits" if name == "ensemble" else "one branch")
+        print(f"{name:<{width}} {arch:<22} {m['top1']:>7.2f}% {m['top5']:>7.2f}% {m['loss']:>8.4f}")
     return report
 
 

@@ -456,3 +456,14 @@ def test_summarize_prints_the_okddip_table_as_error(tmp_path, capsys):
     assert summarize.main([str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "Top-1 ERROR %" in text and "25.75 ± 0.35 / 26.75 ± 0.35 (n=2) · paper 25.65 ± 0.15 (+0.10)" in text
+
+
+@pytest.mark.parametrize("kind", ["okddip", "one"])
+def test_evaluate_reproduces_the_reported_metric(tmp_path, kind):
+    """evaluate.py on a multi-branch run: every branch, and the reported one (leader / branch mean)."""
+    import evaluate
+    module, folder, flags = RUNS[kind]
+    results = module.main([*run_flags(kind), "--epochs", "1", "--out", str(tmp_path), "--run-name", "r"])
+    report = evaluate.main([str(tmp_path / folder / "r"), "--json"])
+    assert report["networks"]["net"]["top1"] == pytest.approx(results["networks"]["net"]["best_top1"], abs=0.01)
+    assert sorted(report["branches"]) == [f"net/branch{k}" for k in range(3)]
