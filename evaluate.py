@@ -42,7 +42,7 @@ def reported_metric(arch: str, branches: dict) -> dict:
     branch); ONE, CL-ILR, individual branches: the mean of the branches' metrics."""
     if arch.startswith("okddip"):
         return branches[list(branches)[-1]]
-    return {key: sum(m[key] for m in branches.values()) / len(branches) for key in ("top1", "top5", "loss")}
+    return utils.mean_metrics(list(branches.values()))
 
 
 def recorded_args(path: Path) -> dict:

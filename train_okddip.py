@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 import models
 from distill import DiversityMeter, consistency_weight, okddip_kl
-from models.okddip import BACKBONES
 
 
 # --------------------------------------------------------------------------- the method
@@ -65,8 +64,10 @@ def okddip_loss(logits, attention, targets, weight, alpha=1.0, tau=3.0, detach=F
     return ce + alpha * weight * (kl_peers + kl_leader), ce, kl_peers, kl_leader
 
 
-def train_step(model, optimizer, images, targets, weight, cfg, precision):
-    """One iteration: one forward pass of the whole model, one backward of the summed loss, one step."""
+def train_step(model, optimizer, images, targets, epoch, cfg, precision):
+    """One iteration of (1-based) ``epoch``: one forward pass of the whole model, one backward of the
+    summed loss, one step. The ramp w(e) takes the 0-based epoch, constant within it (facts Sec. 0)."""
+    weight = consistency_weight(epoch - 1, cfg.ramp_length)
     with precision.autocast():
         out = model(images)
     total, ce, kl_peers, kl_leader = okddip_loss(out.logits.float(), out.attention.float(), targets, weight,
@@ -79,15 +80,19 @@ def train_step(model, optimizer, images, targets, weight, cfg, precision):
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluation_outputs(model, diversity):
-    """``outputs(images)`` for ``run.evaluate``: the leader as ``net`` (what the release reports), each peer,
-    and ``ensemble`` = the mean of the PEERS' logits (leader excluded, as the release). Each batch also
-    goes into ``diversity`` (the release's ``dist``, over the peers)."""
+def evaluate(run, model):
+    """Test metrics of the leader as ``net`` (what the release reports), each peer, ``ensemble`` = the
+    mean of the PEERS' logits (leader excluded, as the release) and ``peers_mean`` (their mean
+    accuracy); and the release's diversity ``dist`` over the peers, from the same pass."""
+    diversity = DiversityMeter()
+
     def outputs(images):
         z = model(images).logits
         diversity.add(z)
         return {"net": z[-1], **{f"peer{i}": z[i] for i in range(len(z) - 1)}, "ensemble": z[:-1].mean(0)}
-    return outputs
+    metrics = run.evaluate(outputs)
+    metrics["peers_mean"] = utils.mean_metrics([m for name, m in metrics.items() if name.startswith("peer")])
+    return metrics, diversity.value(utils.all_reduce_mean)
 
 
 # --------------------------------------------------------------------------- flags
@@ -100,29 +105,13 @@ def model_name(args):
 
 def parse_args(argv=None):
     p = utils.ArgumentParser(__doc__.splitlines()[0])
-    p.network_argument("--backbone", default="resnet32", choices=BACKBONES,
-                       help="the release's backbone (resnet110 and wrn_20_8 are its bottleneck variants)")
-    p.network_argument("--branches", type=utils.number(int, 2), default=4, metavar="M",
-                       help="m: m-1 auxiliary peers + 1 group leader")
     p.network_argument("--network-based", action="store_true",
                        help="m independent networks instead of branches on a shared trunk (the release's "
                             "--MulStu, facts Sec. 1.7)")
-    p.network_argument("--shared-dense-block", action="store_true",
-                       help="densenet40_12: every branch holds the SAME block 3, the release's bug (default: "
-                            "one block per branch, as intended)")
-    g = p.method_group("OKDDip")
-    g.add_argument("--tau", type=utils.POSITIVE, default=3.0, help="temperature T of every KL term (T^2 inside)")
-    g.add_argument("--alpha", type=utils.NON_NEGATIVE, default=1.0, help="weight of the distillation terms")
-    g.add_argument("--ramp-length", type=utils.number(int, 0), default=80, metavar="EPOCHS",
-                   help="L of the ramp w(e) = exp(-5 (1 - e/L)^2), e the 0-based epoch (0: w = 1 throughout)")
-    g.add_argument("--detach-targets", action="store_true",
-                   help="detach x_i and x_L (the attention's W_Q, W_K then never learn; default: live targets, "
-                        "as the release)")
-    utils.add_common_flags(p)
-    p.set_defaults(recipe="okddip")
-    args = utils.parse_args(p, argv)
-    if args.shared_dense_block and (args.backbone != "densenet40_12" or args.network_based):
-        p.error("--shared-dense-block applies to the branch-based densenet40_12 only")
+    utils.add_branch_flags(p, "OKDDip", "m: m-1 auxiliary peers + 1 group leader",
+                           "detach x_i and x_L (the attention's W_Q, W_K then never learn; default: live targets, "
+                           "as the release)")
+    args = utils.parse_branch_args(p, argv)
     if args.detach_targets and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("--detach-targets leaves W_Q and W_K without gradient, which DistributedDataParallel rejects; "
                 "run it in one process")
@@ -137,23 +126,16 @@ def main(argv=None):
     model, optimizer = run.nets["net"], run.optimizers["net"]
 
     for epoch in run.epochs():
-        weight = consistency_weight(epoch - 1, args.ramp_length)  # once per epoch, 0-based (facts Sec. 0)
         for images, targets in run.train_batches():
-            run.log(train_step(model, optimizer, images, targets, weight, args, run.precision))
+            run.log(train_step(model, optimizer, images, targets, epoch, args, run.precision))
         run.step_schedulers()
-        diversity = DiversityMeter()
-        metrics = run.evaluate(evaluation_outputs(model, diversity))
-        metrics["peers_mean"] = utils.mean_metrics([metrics[f"peer{i}"] for i in range(args.branches - 1)])
-        run.end_epoch(metrics, {"ramp_weight": weight, "diversity": diversity.value(utils.all_reduce_mean)})
+        metrics, diversity = evaluate(run, model)
+        run.end_epoch(metrics, {"ramp_weight": consistency_weight(epoch - 1, args.ramp_length), "diversity": diversity})
 
-    return run.finish({
-        "backbone": args.backbone,
-        "okddip": {"variant": "network-based" if args.network_based else "branch-based", "branches": args.branches,
-                   "shared_dense_block": args.shared_dense_block, "tau": args.tau, "alpha": args.alpha,
-                   "ramp_length": args.ramp_length, "detach_targets": args.detach_targets,
-                   "reported": "net = the group leader (branch m-1), best epoch by its top-1"},
-        "measured": {"best_epoch": run.best["net"]["epoch"],
-                     **utils.history_summary(run.history, run.best["net"]["epoch"], ("diversity",))}})
+    return run.finish({"backbone": args.backbone, "okddip": {
+        **utils.branch_settings(args), "variant": "network-based" if args.network_based else "branch-based",
+        "reported": "net = the group leader (branch m-1), best epoch by its top-1"},
+        "measured": run.measured("net", ("diversity",))})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 import models
 from distill import DiversityMeter, consistency_weight, okddip_kl
-from models.okddip import BACKBONES
 
 METHODS = ("one", "clilr", "ind")
 
@@ -88,8 +87,10 @@ def ind_loss(logits, targets):
     return ce, ce
 
 
-def train_step(model, optimizer, images, targets, weight, cfg, precision):
-    """One iteration of ``cfg.method``: one forward pass of the whole model, one backward, one step."""
+def train_step(model, optimizer, images, targets, epoch, cfg, precision):
+    """One iteration of ``cfg.method`` in (1-based) ``epoch``: one forward pass of the whole model, one
+    backward, one step. The ramp w(e) takes the 0-based epoch, constant within it (facts Sec. 0)."""
+    weight = consistency_weight(epoch - 1, cfg.ramp_length)
     with precision.autocast():
         out = model(images)
     logits = out.logits.float()
@@ -107,10 +108,12 @@ def train_step(model, optimizer, images, targets, weight, cfg, precision):
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluation_outputs(model, method, diversity):
-    """``outputs(images)`` for ``run.evaluate``: each branch, ``ensemble`` = the mean of the branches' logits
-    (what the release reports as the ensemble) and, for ONE, ``gated`` = z_e. Each batch also goes
-    into ``diversity`` (the release's ``dist``). The reported ``net`` is computed from the branches' metrics."""
+def evaluate(run, model, method):
+    """Test metrics of each branch, ``ensemble`` = the mean of the branches' logits (what the release
+    reports as the ensemble), for ONE ``gated`` = z_e, and the reported ``net`` = the MEAN of the
+    branches' metrics; and the release's diversity ``dist``, from the same pass."""
+    diversity = DiversityMeter()
+
     def outputs(images):
         out = model(images)
         z = out.logits
@@ -119,7 +122,9 @@ def evaluation_outputs(model, method, diversity):
         if method == "one":
             named["gated"] = gated_ensemble(z.float(), out.gate.float())
         return named
-    return outputs
+    metrics = run.evaluate(outputs)
+    mean = utils.mean_metrics([m for name, m in metrics.items() if name.startswith("branch")])
+    return {"net": mean, **metrics}, diversity.value(utils.all_reduce_mean)
 
 
 # --------------------------------------------------------------------------- flags
@@ -129,28 +134,13 @@ def parse_args(argv=None):
     p.network_argument("--method", default="one", choices=METHODS,
                        help="one: ONE's gated ensemble; clilr: CL-ILR, peers' mean targets (the release's --avg "
                             "--bpscale); ind: individual branches (the release's --ind)")
-    p.network_argument("--backbone", default="resnet32", choices=BACKBONES,
-                       help="the release's backbone (resnet110 and wrn_20_8 are its bottleneck variants)")
-    p.network_argument("--branches", type=utils.number(int, 2), default=4, metavar="M", help="m branches")
-    p.network_argument("--shared-dense-block", action="store_true",
-                       help="densenet40_12: every branch holds the SAME block 3, the release's bug (default: "
-                            "one block per branch, as intended)")
-    g = p.method_group("ONE / CL-ILR")
+    g = utils.add_branch_flags(p, "ONE / CL-ILR", "m branches",
+                               "detach the KL targets (ONE's z_e, CL-ILR's x_k), as ONE's official code does "
+                               "(default: live targets, as the OKDDip release)")
     g.add_argument("--ilr", action=argparse.BooleanOptionalAction,
                    help="ILR, the trunk's gradient divided by m (the release's --bpscale) (default: on for clilr, "
                         "off otherwise; --no-ilr with clilr = CL, --ilr with one = the release's --bpscale alone)")
-    g.add_argument("--tau", type=utils.POSITIVE, default=3.0, help="temperature T of every KL term (T^2 inside)")
-    g.add_argument("--alpha", type=utils.NON_NEGATIVE, default=1.0, help="weight of the distillation terms")
-    g.add_argument("--ramp-length", type=utils.number(int, 0), default=80, metavar="EPOCHS",
-                   help="L of the ramp w(e) = exp(-5 (1 - e/L)^2), e the 0-based epoch (0: w = 1 throughout)")
-    g.add_argument("--detach-targets", action="store_true",
-                   help="detach the KL targets (ONE's z_e, CL-ILR's x_k), as ONE's official code does "
-                        "(default: live targets, as the OKDDip release)")
-    utils.add_common_flags(p)
-    p.set_defaults(recipe="okddip")
-    args = utils.parse_args(p, argv)
-    if args.shared_dense_block and args.backbone != "densenet40_12":
-        p.error("--shared-dense-block applies to densenet40_12 only")
+    args = utils.parse_branch_args(p, argv)
     if args.method == "ind" and (args.ilr or args.detach_targets):
         p.error("--method ind has no distillation: --ilr and --detach-targets do not apply")
     return args
@@ -165,26 +155,18 @@ def main(argv=None):
     model, optimizer = run.nets["net"], run.optimizers["net"]
     ilr = args.method == "clilr" if args.ilr is None else args.ilr
     run.modules["net"].ilr = ilr  # ScaleGradient(1/m) on the trunk output, before the branches and the gate
-    branches = [f"branch{k}" for k in range(args.branches)]
 
     for epoch in run.epochs():
-        weight = consistency_weight(epoch - 1, args.ramp_length)  # once per epoch, 0-based (facts Sec. 0)
         for images, targets in run.train_batches():
-            run.log(train_step(model, optimizer, images, targets, weight, args, run.precision))
+            run.log(train_step(model, optimizer, images, targets, epoch, args, run.precision))
         run.step_schedulers()
-        diversity = DiversityMeter()
-        metrics = run.evaluate(evaluation_outputs(model, args.method, diversity))
-        metrics = {"net": utils.mean_metrics([metrics[b] for b in branches]), **metrics}  # the reported mean
-        run.end_epoch(metrics, {"ramp_weight": weight, "diversity": diversity.value(utils.all_reduce_mean)})
+        metrics, diversity = evaluate(run, model, args.method)
+        run.end_epoch(metrics, {"ramp_weight": consistency_weight(epoch - 1, args.ramp_length), "diversity": diversity})
 
-    return run.finish({
-        "backbone": args.backbone,
-        "one": {"method": args.method, "ilr": ilr, "branches": args.branches,
-                "shared_dense_block": args.shared_dense_block, "tau": args.tau, "alpha": args.alpha,
-                "ramp_length": args.ramp_length, "detach_targets": args.detach_targets,
-                "reported": "net = the mean of the branches' top-1 (and top-5, loss), best epoch by that mean"},
-        "measured": {"best_epoch": run.best["net"]["epoch"],
-                     **utils.history_summary(run.history, run.best["net"]["epoch"], ("diversity",))}})
+    reported = "net = the mean of the branches' top-1 (and top-5, loss), best epoch by that mean"
+    return run.finish({"backbone": args.backbone, "one": {**utils.branch_settings(args), "method": args.method,
+                                                          "ilr": ilr, "reported": reported},
+                       "measured": run.measured("net", ("diversity",))})
 
 
 if __name__ == "__main__":

@@ -142,6 +142,41 @@ def add_cohort_flags(p: ArgumentParser, default=("mobilenetv2_0.5", "wrn_16_2"))
                             "choosing its optimiser (default: student teacher for two networks, net1 .. netK)")
 
 
+def add_branch_flags(p: ArgumentParser, method: str, branches_help: str, detach_help: str):
+    """The networks and distillation flags of the OKDDip release's methods (train_okddip.py,
+    train_one.py); returns the method's group, for its own flags. Parse with :func:`parse_branch_args`."""
+    from models.okddip import BACKBONES
+    p.network_argument("--backbone", default="resnet32", choices=BACKBONES,
+                       help="the release's backbone (resnet110 and wrn_20_8 are its bottleneck variants)")
+    p.network_argument("--branches", type=number(int, 2), default=4, metavar="M", help=branches_help)
+    p.network_argument("--shared-dense-block", action="store_true",
+                       help="densenet40_12: every branch holds the SAME block 3, the release's bug (default: "
+                            "one block per branch, as intended)")
+    g = p.method_group(method)
+    g.add_argument("--tau", type=POSITIVE, default=3.0, help="temperature T of every KL term (T^2 inside)")
+    g.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="weight of the distillation terms")
+    g.add_argument("--ramp-length", type=number(int, 0), default=80, metavar="EPOCHS",
+                   help="L of the ramp w(e) = exp(-5 (1 - e/L)^2), e the 0-based epoch (0: w = 1 throughout)")
+    g.add_argument("--detach-targets", action="store_true", help=detach_help)
+    return g
+
+
+def parse_branch_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
+    """:func:`parse_args` for the OKDDip release's methods: ``--recipe okddip`` by default, the flags checked."""
+    add_common_flags(p)
+    p.set_defaults(recipe="okddip")
+    args = parse_args(p, argv)
+    if args.shared_dense_block and (args.backbone != "densenet40_12" or getattr(args, "network_based", False)):
+        p.error("--shared-dense-block applies to the branch-based densenet40_12 only")
+    return args
+
+
+def branch_settings(args) -> dict:
+    """The values of :func:`add_branch_flags`' flags (and ``--detach-targets``), for results.json."""
+    return {key: getattr(args, key) for key in ("branches", "shared_dense_block", "tau", "alpha", "ramp_length",
+                                                 "detach_targets")}
+
+
 def cohort(names: list[str], roles: list[str] | None = None) -> dict:
     """The networks as {role: model name}, checking the roles (see :func:`add_cohort_flags`)."""
     if len(names) < 2:
@@ -583,25 +618,6 @@ def mean_metrics(metrics: list[dict]) -> dict:
     """Several outputs' metrics averaged key by key (e.g. the mean top-1, top-5 and loss of a model's branches:
     what the OKDDip release reports for ONE, CL-ILR and individual branches)."""
     return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
-
-
-def history_summary(history: list[dict], at_epoch: int, keys=()) -> dict:
-    """What the metrics rows say of every evaluated output (``test/<name>/top1``) and of ``keys``.
-
-    Per output: ``best_top1`` (over the epochs), ``final_top1``, and ``top1_at_best`` = at epoch
-    ``at_epoch`` (the epoch at which the run's reported metric was best: what a log of "the best
-    epoch" holds for the other outputs). Per key: ``final`` and ``at_best``, plus ``per_epoch``.
-    """
-    rows = {row["epoch"]: row for row in history}
-    at, last = rows.get(at_epoch, {}), (history[-1] if history else {})
-    names = list(dict.fromkeys(k.split("/")[1] for row in history for k in row
-                               if k.startswith("test/") and k.endswith("/top1")))
-    out = {"outputs": {name: {"best_top1": max(row.get(f"test/{name}/top1", -1.0) for row in history),
-                              "final_top1": last.get(f"test/{name}/top1"),
-                              "top1_at_best": at.get(f"test/{name}/top1")} for name in names}}
-    for key in keys:
-        out[key] = {"final": last.get(key), "at_best": at.get(key), "per_epoch": [row.get(key) for row in history]}
-    return out
 
 
 # =========================================================================== precision
@@ -1187,6 +1203,27 @@ class Run:
             dist.destroy_process_group()
         self.dir.release()
         return results
+
+    def measured(self, role: str, keys=()) -> dict:
+        """What the metrics rows say of every evaluated output, around ``role``'s best epoch.
+
+        ``best_epoch`` of ``role``; per output (``test/<name>/top1``): ``best_top1`` over the
+        epochs, ``final_top1`` and ``top1_at_best`` (at ``role``'s best epoch: what a log of "the
+        best epoch" holds for the other outputs); per key of the rows in ``keys``: ``final``,
+        ``at_best`` and ``per_epoch``.
+        """
+        at_epoch = self.best[role]["epoch"]
+        rows = {row["epoch"]: row for row in self.history}
+        at, last = rows.get(at_epoch, {}), (self.history[-1] if self.history else {})
+        names = list(dict.fromkeys(k.split("/")[1] for row in self.history for k in row
+                                   if k.startswith("test/") and k.endswith("/top1")))
+        out = {"best_epoch": at_epoch,
+               "outputs": {name: {"best_top1": max(row.get(f"test/{name}/top1", -1.0) for row in self.history),
+                                  "final_top1": last.get(f"test/{name}/top1"),
+                                  "top1_at_best": at.get(f"test/{name}/top1")} for name in names}}
+        for key in keys:
+            out[key] = {"final": last.get(key), "at_best": at.get(key), "per_epoch": [r.get(key) for r in self.history]}
+        return out
 
     def _write_derived(self):
         for name, write in self._derived.items():
