@@ -103,6 +103,30 @@ def test_mode_decision(gap, delta, d_s, d_t, algorithm1, text):
         assert got.dtype == torch.bool and got.tolist() == [expected]
 
 
+def test_algorithm1_is_absorbing_once_the_teacher_falls_behind():
+    """docs/FIDELITY.md: G >= |d_s - d_t| for batch means, so with d_t = x d_s and x (1 + exp(-x/(1+x))) > 2
+    (x > 1.273) G > delta holds for EVERY batch; the text's rule keeps the pair in learning mode there."""
+    torch.manual_seed(3)
+    behind = 0
+    for _ in range(200):  # random batches whose teacher is far from the labels, the student near them
+        y = torch.randint(0, 10, (16,))
+        z_s = F.one_hot(y, 10).double() * 6 + torch.randn(16, 10, dtype=torch.float64)
+        z_t = torch.randn(16, 10, dtype=torch.float64) * 2
+        gap, d_s, d_t = (v.item() for v in (distillation_gap(z_s, z_t), label_distance(z_s, y), label_distance(z_t, y)))
+        x = d_t / d_s
+        assert gap >= abs(d_s - d_t) - 1e-12                           # the bound the argument rests on
+        if x * (1 + math.exp(-x / (1 + x))) > 2:
+            delta = adaptive_threshold(d_s, d_t)
+            assert expert_mode(gap, delta, d_s, d_t, rule="algorithm1")   # absorbing
+            assert not expert_mode(gap, delta, d_s, d_t, rule="text")     # the text's rule: back to learning
+            behind += 1
+    assert behind > 100
+    # at the minimum G = d_t - d_s the threshold x* = 1.273 is sharp
+    for x, expert in ((1.26, False), (1.29, True)):
+        d_s, d_t = 0.5, 0.5 * x
+        assert expert_mode(d_t - d_s, adaptive_threshold(d_s, d_t), d_s, d_t, rule="algorithm1") is expert
+
+
 def test_mode_decision_from_constructed_logits():
     # Teacher (0.8, 0.2, 0): d_t = 0.4. A student near it, (0.6, 0.3, 0.1): G = 0.4 <= delta = 0.51.
     # A student erring elsewhere, (0.2, 0, 0.8): G = 1.6 > delta = 1.6 - exp(-0.2) 0.4 = 1.27.
