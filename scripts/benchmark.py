@@ -42,7 +42,9 @@ cores: an OpenMP thread waiting for a descheduled sibling makes timings erratic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import itertools
 import os
 import platform
@@ -152,8 +154,10 @@ def make_run(script, argv, bench, mode, loader, images, out, data_options=None):
     class SyntheticRun(utils.Run):
         def _build_data(self, args, holdout):  # the engine's data step, on the benchmark's set
             return cifar_like(options)
-    return SyntheticRun(args, script.__name__.removeprefix("train_"), networks_of(script, args),
-                        data_options=data_options), args
+    with contextlib.redirect_stdout(io.StringIO()):  # no start banner for each of the benchmark's runs
+        run = SyntheticRun(args, script.__name__.removeprefix("train_"), networks_of(script, args),
+                           data_options=data_options)
+    return run, args
 
 
 def networks_of(script, args):
