@@ -90,3 +90,31 @@ def test_compile_inductor_tiniest_pair(tmp_path, initial_weights):
     assert all(changed(initial_weights["student"], last["models"]["student"]))
     assert all(changed(initial_weights["teacher"], last["models"]["teacher"]))
     assert np.isfinite(trace["student_ce"]).all() and np.isfinite(trace["teacher_ce"]).all()
+
+
+def test_benchmark_times_the_scripts_own_steps(tmp_path, monkeypatch):
+    """scripts/benchmark.py in a tiny configuration: its SwitOKD, DML and KDCL rows call the scripts'
+    train_step (counted here), and the JSON holds every row with its ratio to the bare compute."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import benchmark
+    import train_dml
+    import train_kdcl
+    calls = {}
+    for module in (train_switokd, train_dml, train_kdcl):
+        real = module.train_step
+
+        def counting(*args, __real=real, __name=module.__name__, **kwargs):
+            calls[__name] = calls.get(__name, 0) + 1
+            return __real(*args, **kwargs)
+        monkeypatch.setattr(module, "train_step", counting)
+    out = tmp_path / "bench.json"
+    benchmark.main(["--student", "wrn_10_1", "--teacher", "wrn_10_1", "--batch-size", "8", "--classes", "10",
+                    "--iters", "1", "--repeats", "1", "--warmup", "0", "--amp-modes", "fp32", "--only", "a", "b", "c",
+                    "--device", "cpu", "--json", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"bare compute", "switokd learning", "switokd expert", "dml", "kdcl (2 views)"} <= rows.keys()
+    assert rows["bare compute"]["x_bare"] == 1.0 and all(r["median_ips"] > 0 for r in rows.values())
+    assert calls == {"train_switokd": 2, "train_dml": 1, "train_kdcl": 1}
