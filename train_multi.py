@@ -192,11 +192,13 @@ def parse_args(argv=None):
     args.teachers, args.students = args.teachers or teachers, args.students or students
     if not args.teachers or not args.students:
         p.error("no networks: give --topology (1T2S or 2T1S) or both --teachers and --students")
-    released = args.recipe == "official"
-    args.paused_teacher = args.paused_teacher or (
-        "zero-step" if released and len(args.teachers) == 1 and len(args.students) == 2 else "suspend")
-    pairs = len(args.teachers) * len(args.students)
-    args.pair_epsilon = args.pair_epsilon or ("other-pair" if released and pairs == 2 else "own")
+    released, pairs = args.recipe == "official", len(args.teachers) * len(args.students)
+    defaults = {"paused_teacher": "zero-step" if released and len(args.teachers) == 1 and len(args.students) == 2
+                else "suspend", "pair_epsilon": "other-pair" if released and pairs == 2 else "own"}
+    for key, value in defaults.items():  # the recipe's default is a default: not named in the run name
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            args._defaults[key] = value
     if args.pair_epsilon == "other-pair" and pairs != 2:
         p.error(f"--pair-epsilon other-pair needs exactly two teacher-student pairs, not {pairs}")
     return args

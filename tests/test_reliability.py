@@ -139,6 +139,13 @@ def test_default_run_names_differ_by_method_flag(tmp_path):
     networks = {"student": "wrn_10_1", "teacher": "wrn_10_1"}
     assert utils.default_run_name(plain, networks) != utils.default_run_name(independent, networks)
     assert "teacher_loss=independent" in utils.default_run_name(independent, networks)
+    import train_multi  # a default the recipe resolves is still a default: not in the name
+    three = {"student1": "resnet20", "student2": "mobilenet", "teacher1": "wrn_16_2"}
+    for recipe in ("paper", "official"):
+        args = train_multi.parse_args(["--teachers", "wrn_16_2", "--students", "resnet20", "mobilenet",
+                                       "--recipe", recipe])
+        assert "paused_teacher" not in utils.default_run_name(args, three)
+        assert "pair_epsilon" not in utils.default_run_name(args, three)
 
 
 def test_redirected_output_shows_banner_progress_and_epochs(tmp_path):
