@@ -61,29 +61,16 @@ def test_vanilla_run_directory(tmp_path):
         [r["test/student/top1"] for r in rows])
 
 
-def crash_after_first_epoch(monkeypatch):
-    """Make Run.end_epoch stop the run (as Ctrl-C would) once epoch 1 is recorded; returns the original."""
-    original = utils.Run.end_epoch
-
-    def crash(self, metrics, extra=None):
-        original(self, metrics, extra)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", crash)
-    return original
-
-
 def without_times(rows):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path, interrupted_after):
     args = ["--epochs", "2"]
     vanilla(tmp_path, *args, "--run-name", "straight")
 
-    original = crash_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         vanilla(tmp_path, *args, "--run-name", "resumed")
-    monkeypatch.setattr(utils.Run, "end_epoch", original)
     assert torch.load(tmp_path / "vanilla/resumed/last.pt", weights_only=False)["epoch"] == 1
     vanilla(tmp_path, *args, "--run-name", "resumed", "--resume")
 
@@ -104,12 +91,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [i["from_epoch"] for i in results["invocations"]] == [0, 1] and results["status"] == "finished"
 
 
-def test_resume_refuses_changed_flags_and_fewer_epochs(tmp_path, monkeypatch, capsys):
+def test_resume_refuses_changed_flags_and_fewer_epochs(tmp_path, capsys, interrupted_after):
     args = [*TINY, "--model", "resnet20", "--out", str(tmp_path), "--run-name", "r"]
-    crash_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         train_vanilla.main([*args, "--epochs", "3"])
-    monkeypatch.undo()
     code, lines = run_cli(capsys, *args, "--epochs", "3", "--resume", "--lr", "0.5", "--seed", "1")
     assert code == 2 and len(lines) == 1, lines
     assert "--lr None -> 0.5" in lines[0] and "--seed 0 -> 1" in lines[0]

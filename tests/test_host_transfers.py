@@ -6,7 +6,6 @@ other methods' iterations copy nothing (their logged values stay on the device u
 value to the host, when called from this repository's code (not from torch's own
 CPU-side bookkeeping, e.g. Adam's step counter).
 """
-import argparse
 import sys
 from pathlib import Path
 

@@ -398,19 +398,12 @@ def test_2t1s_end_to_end_with_the_official_recipe(tmp_path):
                                * d_t[:, 1], rtol=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path, interrupted_after):
     """1T2S stopped after epoch 1 and resumed: the same weights, trace and metrics as one run."""
     nets = ["--teachers", "wrn_16_1", "--students", "resnet20", "resnet20", "--epochs", "2"]
     train_multi.main([*tiny(tmp_path / "straight", *nets, iterations=2)])
-    original = utils.Run.end_epoch
-
-    def stop_after_epoch_one(self, metrics, extra=None):
-        original(self, metrics, extra)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", stop_after_epoch_one)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         train_multi.main(tiny(tmp_path / "resumed", *nets, iterations=2))
-    monkeypatch.undo()
     train_multi.main(tiny(tmp_path / "resumed", *nets, "--resume", iterations=2))
     runs = [tmp_path / name / "switokd_multi" / "r" for name in ("straight", "resumed")]
     (a, b) = (torch.load(run / "last.pt", weights_only=False) for run in runs)

@@ -342,21 +342,13 @@ def test_the_route_is_kept_and_loadable(teacher_dir):
         models.route_checkpoints(route[1])
 
 
-def test_the_route_survives_an_interruption(tmp_path, monkeypatch):
+def test_the_route_survives_an_interruption(tmp_path, interrupted_after):
     def teacher(name, *extra):
         return train_vanilla.main([*TINY, "--epochs", "3", "--model", "wrn_10_1", "--role", "teacher",
                                    "--keep-route", "3", "--out", str(tmp_path), "--run-name", name, *extra])
     teacher("straight")
-    original = utils.Run.end_epoch
-
-    def crash(self, metrics, extra=None):
-        original(self, metrics, extra)
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(2):
         teacher("resumed")
-    monkeypatch.setattr(utils.Run, "end_epoch", original)
     assert list(models.route_checkpoints(tmp_path / "vanilla" / "resumed")) == [1, 2]
     results = teacher("resumed", "--resume", "--epochs", "4")   # more epochs: the planned route (not 1 2 4) stays
     assert results["route"]["epochs"] == [1, 2, 3]
@@ -394,17 +386,10 @@ def student(tmp_path, teacher_dir, method, name, *extra):
 
 
 @pytest.mark.parametrize("method", list(train_kd.METHODS))
-def test_every_method_end_to_end_resumes_bit_for_bit(method, tmp_path, teacher_dir, monkeypatch):
+def test_every_method_end_to_end_resumes_bit_for_bit(method, tmp_path, teacher_dir, interrupted_after):
     results = student(tmp_path, teacher_dir, method, "straight", "--epochs", "2")
-    original = utils.Run.end_epoch
-
-    def crash(self, metrics, extra=None):
-        original(self, metrics, extra)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         student(tmp_path, teacher_dir, method, "resumed", "--epochs", "2")
-    monkeypatch.setattr(utils.Run, "end_epoch", original)
     assert torch.load(tmp_path / method / "resumed" / "last.pt", weights_only=False)["epoch"] == 1
     resumed_results = student(tmp_path, teacher_dir, method, "resumed", "--epochs", "2", "--resume")
 

@@ -332,25 +332,13 @@ def run_flags(kind):
     return TINY + flags
 
 
-def crash_after_first_epoch(monkeypatch):
-    original = utils.Run.end_epoch
-
-    def crash(self, metrics, extra=None):
-        original(self, metrics, extra)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", crash)
-    return original
-
-
 @pytest.mark.parametrize("kind", list(RUNS))
-def test_end_to_end_and_exact_resume(kind, tmp_path, monkeypatch):
+def test_end_to_end_and_exact_resume(kind, tmp_path, interrupted_after):
     script, folder, _ = RUNS[kind]
     flags = [*run_flags(kind), "--epochs", "2", "--out", str(tmp_path)]
     results = script.main([*flags, "--run-name", "straight"])
-    original = crash_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         script.main([*flags, "--run-name", "resumed"])
-    monkeypatch.setattr(utils.Run, "end_epoch", original)
     assert torch.load(tmp_path / folder / "resumed" / "last.pt", weights_only=False)["epoch"] == 1
     script.main([*flags, "--run-name", "resumed", "--resume"])
     a, b = (torch.load(tmp_path / folder / name / "last.pt", weights_only=False) for name in ("straight", "resumed"))

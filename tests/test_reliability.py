@@ -37,25 +37,11 @@ def cli(capsys, main, *argv):
     return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
-def stop_after_epoch(monkeypatch, epoch):
-    original = utils.Run.end_epoch
-
-    def end_epoch(self, metrics, extra=None):
-        row = original(self, metrics, extra)
-        if self.epoch == epoch:
-            raise KeyboardInterrupt
-        return row
-    monkeypatch.setattr(utils.Run, "end_epoch", end_epoch)
-    return original
-
-
 # --------------------------------------------------------------------------- resume
 
-def test_resume_refuses_a_changed_method_flag(tmp_path, monkeypatch, capsys):
-    original = stop_after_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
+def test_resume_refuses_a_changed_method_flag(tmp_path, capsys, interrupted_after):
+    with interrupted_after(1):
         switokd(tmp_path, "--teacher-loss", "independent", epochs=2)
-    monkeypatch.setattr(utils.Run, "end_epoch", original)
     code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
                       "--resume")
     assert code == 2 and len(lines) == 1

@@ -29,23 +29,17 @@ def checkpoint(tmp_path, name):
     return torch.load(tmp_path / "switokd" / name / "last.pt", weights_only=False)
 
 
-def first_epoch_then(tmp_path, monkeypatch, name, *flags):
+def first_epoch_then(tmp_path, monkeypatch, interrupted_after, name, *flags):
     """A run with ``flags``: epoch 1 forced into learning mode (so both optimisers hold state),
     stopped after it, then resumed (same flags, as --resume demands) for epoch 2 as ``flags`` decide."""
-    original, decide = utils.Run.end_epoch, train_switokd.switching_decision
-
-    def stop_after_epoch_one(self, metrics, extra=None):
-        original(self, metrics, extra)
-        raise KeyboardInterrupt
+    decide = train_switokd.switching_decision
 
     def always_learning(*args, **kwargs):
         delta, expert = decide(*args, **kwargs)
         return delta, torch.zeros_like(expert)
-    monkeypatch.setattr(utils.Run, "end_epoch", stop_after_epoch_one)
     monkeypatch.setattr(train_switokd, "switching_decision", always_learning)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         train(tmp_path, name, *flags, epochs=2)
-    monkeypatch.setattr(utils.Run, "end_epoch", original)
     monkeypatch.setattr(train_switokd, "switching_decision", decide)
     before = checkpoint(tmp_path, name)
     assert before["epoch"] == 1
@@ -58,8 +52,8 @@ def parameters_equal(before, after, role):
     return {n: torch.equal(before["models"][role][n], after["models"][role][n]) for n in names}
 
 
-def test_expert_mode_pauses_the_teacher_bit_for_bit(tmp_path, monkeypatch):
-    before, after = first_epoch_then(tmp_path, monkeypatch, "expert", *ALWAYS_EXPERT)
+def test_expert_mode_pauses_the_teacher_bit_for_bit(tmp_path, monkeypatch, interrupted_after):
+    before, after = first_epoch_then(tmp_path, monkeypatch, interrupted_after, "expert", *ALWAYS_EXPERT)
     assert trace(tmp_path, "expert")["expert"].tolist() == [0, 0, 0, 1, 1, 1]
     assert all(parameters_equal(before, after, "teacher").values())
     teacher_before, teacher_after = before["optimizers"]["teacher"], after["optimizers"]["teacher"]
@@ -70,8 +64,8 @@ def test_expert_mode_pauses_the_teacher_bit_for_bit(tmp_path, monkeypatch):
     assert after["optimizers"]["student"]["state"][0]["step"] == 6
 
 
-def test_learning_mode_updates_both(tmp_path, monkeypatch):
-    before, after = first_epoch_then(tmp_path, monkeypatch, "learning", *ALWAYS_LEARNING)
+def test_learning_mode_updates_both(tmp_path, monkeypatch, interrupted_after):
+    before, after = first_epoch_then(tmp_path, monkeypatch, interrupted_after, "learning", *ALWAYS_LEARNING)
     assert not any(parameters_equal(before, after, "teacher").values())
     assert not any(parameters_equal(before, after, "student").values())
     assert after["optimizers"]["teacher"]["state"][0]["step"] == 6
@@ -208,18 +202,11 @@ def test_digits_end_to_end(tmp_path):
     assert (run / "results.json").is_file()
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path, interrupted_after):
     """Stopped after epoch 1 and resumed: the same weights, optimiser states, trace and metrics as one run."""
     train(tmp_path, "straight", epochs=2)
-    original = utils.Run.end_epoch
-
-    def stop_after_epoch_one(self, metrics, extra=None):
-        original(self, metrics, extra)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(utils.Run, "end_epoch", stop_after_epoch_one)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         train(tmp_path, "resumed", epochs=2)
-    monkeypatch.undo()
     results = train(tmp_path, "resumed", "--resume", epochs=2)
     straight, resumed = checkpoint(tmp_path, "straight"), checkpoint(tmp_path, "resumed")
     for role in ("student", "teacher"):

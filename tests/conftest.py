@@ -1,0 +1,31 @@
+"""What several test files share."""
+import contextlib
+
+import pytest
+
+import utils
+
+
+@contextlib.contextmanager
+def _interrupted_after(epoch=1):
+    """``with interrupted_after(1): main(...)``: the run stops as Ctrl-C would, right after epoch
+    ``epoch`` is recorded (its last.pt written), and the block expects that KeyboardInterrupt."""
+    original = utils.Run.end_epoch
+
+    def end_epoch(self, metrics, extra=None):
+        row = original(self, metrics, extra)
+        if self.epoch == epoch:
+            raise KeyboardInterrupt
+        return row
+    utils.Run.end_epoch = end_epoch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        utils.Run.end_epoch = original
+
+
+@pytest.fixture
+def interrupted_after():
+    """The context manager :func:`_interrupted_after` (a run interrupted after an epoch, to test resume)."""
+    return _interrupted_after
