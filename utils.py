@@ -227,8 +227,9 @@ POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
 
 MAY_CHANGE_ON_RESUME = ("epochs", "workers", "no_progress", "log_interval", "print_every", "data_root",
-                        "download", "device", "resume")
-"""Flags that ``--resume`` accepts with a new value (``--epochs`` only larger, to extend the run).
+                        "download", "device", "out", "run_name", "resume")
+"""Flags that ``--resume`` accepts with a new value (``--epochs`` only larger, to extend the run;
+``--out`` and ``--run-name`` only locate it, e.g. a copied run root, or the default name spelled out).
 Every other flag must equal the one the run was started with."""
 
 NOT_IN_RUN_NAME = ("dataset", "seed", "data_root", "download", "loader", "workers", "device", "amp",

@@ -133,6 +133,20 @@ run() {
   echo >>"$PLAN"
 }
 
+# table6_runs SEED STUDENT TEACHER: Table 6's runs of one pair (each network alone, DML, KDCL,
+# SwitOKD), defined once for scripts/table6_imagenet.sh and scripts/fig6_gradcam.sh. A network
+# shared by two pairs is one run: the launcher runs a repeated run once.
+table6_runs() {
+  local seed="$1" student="$2" teacher="$3" model
+  for model in "$teacher" "$student"; do
+    run "$seed" "imagenet-$model" train_vanilla.py --dataset imagenet --model "$model"
+  done
+  local pair="imagenet-$student-$teacher"
+  run "$seed" "$pair" train_dml.py --dataset imagenet --models "$student" "$teacher"
+  run "$seed" "$pair" train_kdcl.py --dataset imagenet --models "$student" "$teacher"
+  run "$seed" "$pair" train_switokd.py --dataset imagenet --student "$student" --teacher "$teacher"
+}
+
 # barrier: the runs after it start when every run before it has ended.
 barrier() { echo barrier >>"$PLAN"; }
 

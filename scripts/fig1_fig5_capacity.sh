@@ -4,7 +4,6 @@
 # (experiment fig1), Fig. 5 on CIFAR-10 (experiment fig5). KD's teachers are Vanilla
 # WRN-16-k of the same seed, trained first; the Vanilla ResNet-20 is the reference line.
 # Plot: python scripts/plot_fig5.py OUT.  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0"
 source "$(dirname "$0")/common.sh"
 setup "$@"

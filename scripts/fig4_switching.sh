@@ -4,7 +4,6 @@
 # the paper's r = d_t / (d_s + d_t), teacher WRN-16-2 (73.10/71.89 vs 74.14/73.47).
 # Plot: python scripts/plot_fig4.py OUT/fig4/switokd/<run> [--compare OUT/fig4/kdcl/<run>].
 # Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0"
 source "$(dirname "$0")/common.sh"
 setup "$@"

@@ -7,7 +7,6 @@
 # (correlation and IoU of the maps, mean over 100 validation images) to OUT/fig6/fig6.json.
 # The paper's caption says CIFAR-100, but ResNet-34/ResNet-18 is its ImageNet pair (Table 6).
 # Other images or methods: python scripts/plot_fig6.py --help.  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0"
 DEFAULT_GPUS_PER_RUN=all
 source "$(dirname "$0")/common.sh"
@@ -15,20 +14,16 @@ setup "$@"
 
 experiment table6
 read -r seed _ <<<"$SEEDS"
-pair=imagenet-resnet18-resnet34
-run "$seed" imagenet-resnet34 train_vanilla.py --dataset imagenet --model resnet34
-run "$seed" imagenet-resnet18 train_vanilla.py --dataset imagenet --model resnet18
-run "$seed" "$pair" train_dml.py --dataset imagenet --models resnet18 resnet34
-run "$seed" "$pair" train_kdcl.py --dataset imagenet --models resnet18 resnet34
-run "$seed" "$pair" train_switokd.py --dataset imagenet --student resnet18 --teacher resnet34
+table6_runs "$seed" resnet18 resnet34
 launch
 
+pair="imagenet-resnet18-resnet34-seed$seed"
 images=(--images 100 --show 3)
 if [[ "$SMOKE" == 1 ]]; then  # tiny networks: one thread is faster, as for the smoke runs
   images=(--images 8 --show 2)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 after_runs "${PYTHON:-python}" "$SCRIPTS_DIR/plot_fig6.py" \
-  "$(rundir switokd "$pair-seed$seed")" "$(rundir dml "$pair-seed$seed")" "$(rundir kdcl "$pair-seed$seed")" \
+  "$(rundir switokd "$pair")" "$(rundir dml "$pair")" "$(rundir kdcl "$pair")" \
   --vanilla "$(rundir vanilla "imagenet-resnet18-seed$seed")" "$(rundir vanilla "imagenet-resnet34-seed$seed")" \
   ${DATA_ROOT:+--data-root "$DATA_ROOT"} "${images[@]}" --output "$OUT/fig6/fig6.png"

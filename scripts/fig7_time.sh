@@ -4,7 +4,6 @@
 # 13.43 h and 14.99 h on one GTX 1080 Ti. Timings compare only on the same kind of GPU
 # with nothing else running on it: --gpus "0 1 2" gives each method its own GPU.
 # Plot: python scripts/plot_fig7.py OUT/fig7.  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0"
 source "$(dirname "$0")/common.sh"
 setup "$@"

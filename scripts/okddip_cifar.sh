@@ -6,7 +6,6 @@
 # summarize.py prints the table "okddip_cifar" as top-1 ERROR, mean +- std. Options: --help.
 # Smoke mode runs one backbone on one dataset (each training script and method once; launch.py then
 # trains the release's ResNet-32 on digits).
-set -euo pipefail
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"

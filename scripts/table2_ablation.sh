@@ -3,7 +3,6 @@
 # (teacher) on CIFAR-100, student accuracy. A: no switching; B: fixed threshold delta;
 # C: independent teacher loss, Eqn. (5); D: SwitOKD. The paper reports one number per
 # case; here every case runs for each seed.  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"

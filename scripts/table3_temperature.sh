@@ -2,7 +2,6 @@
 # Table 3: SwitOKD at temperatures tau in {0.5, 1, 2, 5, 8, 10}; 0.5MobileNetV2 (student,
 # "MobileNetV2" in the text; its tau = 1 entry is Table 4's 67.24) and WRN-16-2
 # (teacher) on CIFAR-100.  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"

@@ -2,7 +2,6 @@
 # Table 4: Vanilla (each network alone), DML, KDCL and SwitOKD on Tiny-ImageNet
 # (1.4MobileNetV2/ResNet-34, ResNet-20/WRN-16-2), CIFAR-10 (WRN-16-1/WRN-16-8) and
 # CIFAR-100 (0.5MobileNetV2/WRN-16-2); mean and std over 3 seeds.  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"

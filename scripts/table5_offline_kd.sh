@@ -5,7 +5,6 @@
 # SwitOKD first; then KD, FitNet, AT, CRD and RCO (train_kd.py --distill ...) from that
 # teacher. All under the paper's recipe (Sec. 3.1); `-- --recipe crd` runs everything under
 # the CRD benchmark's instead. Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"

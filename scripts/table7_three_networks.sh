@@ -3,7 +3,6 @@
 # alone), DML and KDCL (all three as one cohort), SwitOKD 1T2S (teacher WRN-16-10,
 # students WRN-16-2 and MobileNet) and 2T1S (teachers WRN-16-10 and WRN-16-2, student
 # MobileNet).  Options: --help.
-set -euo pipefail
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"

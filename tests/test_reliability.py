@@ -8,6 +8,7 @@ resumed after a crash rebuilds its files from last.pt.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,16 @@ def test_resume_extends_with_more_epochs_and_refuses_fewer(tmp_path, capsys):
     assert [i["from_epoch"] for i in results["invocations"]] == [0, 2]
     milestones = results["networks"]["student"]["milestones"]
     assert milestones == utils.scaled_milestones(utils.recipe_for("paper", "synthetic", "student"), 2)
+
+
+def test_resume_finds_a_moved_run_under_its_spelled_out_name(tmp_path, interrupted_after):
+    flags = [*TINY, "--epochs", "2"]
+    with interrupted_after(1):
+        train_switokd.main([*flags, "--out", str(tmp_path / "a")])  # the default run name
+    [run] = (tmp_path / "a" / "switokd").iterdir()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # --out and --run-name only locate the run
+    results = train_switokd.main([*flags, "--out", str(tmp_path / "b"), "--run-name", run.name, "--resume"])
+    assert results["status"] == "finished" and [i["from_epoch"] for i in results["invocations"]] == [0, 1]
 
 
 def test_resume_without_a_previous_run_says_so(tmp_path, capsys):
