@@ -305,8 +305,10 @@ def add_common_flags(p: ArgumentParser) -> None:
 def default_run_name(args, networks: dict) -> str:
     """<dataset>-<networks>[-<recipe>][-<flag>=<value> ...]-seed<seed>, naming every flag given a
     non-default value (but those of :data:`NOT_IN_RUN_NAME`), so that two experiments never share a
-    run directory by default. Call it before the recipe's defaults are filled in."""
-    parts = [args.dataset, *networks.values()]
+    run directory by default; a branch-based network ``okddip:resnet32`` is written ``okddip-resnet32``
+    (':' separates TensorBoard's log-directory names and is not allowed in Windows paths). Call it
+    before the recipe's defaults are filled in."""
+    parts = [args.dataset, *(name.replace(":", "-") for name in networks.values())]
     defaults = getattr(args, "_defaults", {})
     for key, value in vars(args).items():
         if key.startswith("_") or key in NOT_IN_RUN_NAME or key in getattr(args, "_network_dests", ()):

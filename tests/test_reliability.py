@@ -143,6 +143,9 @@ def test_default_run_names_differ_by_method_flag(tmp_path):
                                        "--recipe", recipe])
         assert "paused_teacher" not in utils.default_run_name(args, three)
         assert "pair_epsilon" not in utils.default_run_name(args, three)
+    import train_okddip  # a path without ':' (TensorBoard's and Windows' separator)
+    args = train_okddip.parse_args(["--backbone", "resnet32"])
+    assert utils.default_run_name(args, {"net": "okddip:resnet32"}) == "cifar100-okddip-resnet32-seed0"
 
 
 def test_redirected_output_shows_banner_progress_and_epochs(tmp_path):
