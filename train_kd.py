@@ -63,9 +63,12 @@ REGRESSORS = ("conv-bn-relu", "conv-bn", "conv")
 def kd_loss(student_logits, teacher_logits, targets, alpha=0.1, tau=3.0):
     """L = alpha CE(y, p_s^1) + (1 - alpha) tau^2 KL(p_t^tau || p_s^tau): SwitOKD Table 1 (KD row).
 
-    Hinton et al. (2015), Sec. 2: the soft targets q = softmax(z_t / T) (Eq. 1) and the
-    tau^2 factor that keeps the soft term's gradient, (1/T)(q - p) per logit (Eq. 2),
-    comparable across temperatures. Returns (total, CE term, KL term before its weight).
+    Hinton et al. (2015): probabilities from the tempered softmax exp(z_i/T) / sum_j exp(z_j/T)
+    (Sec. 2, Eq. 1), for the teacher's soft targets and the student alike; the soft term's
+    gradient per student logit is (1/T)(q_i - p_i), q the student's and p the teacher's
+    tempered probabilities (Sec. 2.1, Eq. 2), so it scales as 1/T^2 and is multiplied by T^2
+    (Sec. 2) to stay comparable across temperatures (all verified, docs/BASELINES.md).
+    Returns (total, CE term, KL term before its weight).
     """
     ce = F.cross_entropy(student_logits, targets)
     kl = kl_loss(teacher_logits, student_logits, tau)
@@ -77,8 +80,9 @@ def kd_loss(student_logits, teacher_logits, targets, alpha=0.1, tau=3.0):
 class HintRegressor(nn.Sequential):
     """FitNet's regressor r: the student's guided-layer map (C_s, H_s, W_s) -> the teacher's hint shape.
 
-    Romero et al. (2015), Sec. 2.2: a convolutional regressor whose kernel is N_g - N_h + 1
-    (so the spatial size shrinks to the hint's), with the hint layer's non-linearity. As
+    Romero et al. (2015), hint-based training (Sec. 2, 2.2 as we recall it): a convolutional
+    regressor whose kernel is N_g - N_h + 1 (so the spatial size shrinks to the hint's;
+    corroborated), with the hint layer's non-linearity (unverified; docs/BASELINES.md). As
     RepDistiller's ``ConvReg`` (models/util.py): H_s = 2 H_t: 3x3 stride-2 conv; 2 H_s = H_t:
     4x4 stride-2 transposed conv; H_s >= H_t: the (1 + H_s - H_t) x (1 + W_s - W_t) conv
     (1x1 for equal sizes); then BatchNorm and ReLU (``conv-bn-relu``, RepDistiller's), or
@@ -105,12 +109,13 @@ class HintRegressor(nn.Sequential):
 
 
 def hint_loss(regressed, hint):
-    """FitNet's hint loss, Romero et al. (2015) Eq. (3): L_HT = 1/2 ||u_h(x) - r(v_g(x))||^2.
+    """FitNet's hint loss, Romero et al. (2015), Sec. 2: L_HT = 1/2 ||u_h(x) - r(v_g(x))||^2.
 
     As the CRD benchmark computes it (RepDistiller ``HintLoss`` = ``nn.MSELoss()``): the
     squared difference averaged over all B x C x H x W elements, so its gradient with respect
-    to r(v_g) is 2 (r - u_h) / numel, Eq. (3)'s (r - u_h) scaled by 2 / numel (absorbed by
-    beta). The hint is detached (the teacher is fixed).
+    to r(v_g) is 2 (r - u_h) / numel, L_HT's (r - u_h) scaled by 2 / numel (absorbed by
+    beta). The hint is detached (the teacher is fixed). The form of L_HT is corroborated; its
+    number, Eq. (3) as we recall it, is unverified (docs/BASELINES.md).
     """
     return F.mse_loss(regressed, hint.detach())
 
@@ -118,8 +123,9 @@ def hint_loss(regressed, hint):
 # =========================================================================== AT (Zagoruyko & Komodakis, 2017)
 
 def attention_map(feature, p=2.0):
-    """Q = vec(F(A)) / ||vec(F(A))||_2 with F(A) = mean_i |A_i|^p: Zagoruyko & Komodakis (2017), Sec. 3.1.
+    """Q = vec(F(A)) / ||vec(F(A))||_2 with F(A) = mean_i |A_i|^p: Zagoruyko & Komodakis (2017).
 
+    Activation-based attention (Sec. 3.1 as we recall it; the mapping F is Eq. 1, verified).
     The paper's F^p_sum(A) = sum_i |A_i|^p over the C channels of A (N, C, H, W); the mean
     (both reference codes') is the sum / C, which the l2 normalisation (per sample, over the
     H x W positions, eps 1e-12) removes. Returns (N, H * W).
@@ -128,9 +134,10 @@ def attention_map(feature, p=2.0):
 
 
 def attention_loss(student_feature, teacher_feature, p=2.0):
-    """One pair's term of Zagoruyko & Komodakis (2017) Eq. (2), as both reference codes compute it.
+    """One pair's term of Zagoruyko & Komodakis (2017)'s AT loss, as both reference codes compute it.
 
-    Eq. (2): beta/2 || Q_S / ||Q_S|| - Q_T / ||Q_T|| ||_p; the official code (and RepDistiller's
+    The paper's term (Eq. 2: corroborated, not read in the paper; docs/BASELINES.md):
+    beta/2 || Q_S / ||Q_S||_2 - Q_T / ||Q_T||_2 ||_p; the official code (and RepDistiller's
     ``Attention``) take the squared difference of the normalised maps averaged over the batch
     and the H x W positions, with no 1/2: mean (Q_S - Q_T)^2, weighted by beta = 1000 and summed
     over the pairs. The teacher's map is detached.
@@ -141,8 +148,8 @@ def attention_loss(student_feature, teacher_feature, p=2.0):
 # =========================================================================== CRD (Tian et al., 2020)
 
 def crd_embedding(linear, feature):
-    """g(h) = W h + b, l2-normalised: CRD's embedding heads g^S, g^T (Tian et al., 2020, Sec. 3.1;
-    RepDistiller ``Embed``: Linear then x / ||x||_2) on the flattened penultimate feature."""
+    """g(h) = W h + b, l2-normalised: CRD's embedding heads g^S, g^T (Tian et al., 2020, Sec. 3,
+    corroborated; RepDistiller ``Embed``: Linear then x / ||x||_2) on the flattened penultimate feature."""
     return F.normalize(linear(feature.flatten(1)), dim=1)
 
 
@@ -167,14 +174,14 @@ class CRDHeads(nn.Module):
 
 def contrast_scores(anchor, memory, sample_idx, tau=0.07):
     """exp(<m_j, v> / tau) for the rows j = ``sample_idx`` (B, 1 + K) of ``memory``: CRD's critic
-    before its normalisation (Tian et al., 2020, Sec. 3.2: h = exp(g_T(t)'g_S(s)/tau) / (... + N/M)).
+    before its normalisation (Tian et al., 2020, Sec. 3, corroborated: h = exp(g_T(t)'g_S(s)/tau) / (... + N/M)).
     The memory rows are detached: the gradient reaches the anchor embeddings ``v`` (B, D) only."""
     rows = memory[sample_idx].detach()                                   # (B, 1 + K, D)
     return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / tau)
 
 
 def nce_loss(scores, n_data, eps=1e-7):
-    """CRD's NCE loss of one side (Tian et al., 2020; Eq. (18) by RepDistiller's ``ContrastLoss``).
+    """CRD's NCE loss of one side (Tian et al., 2020; "Eq (18)" by RepDistiller's ``ContrastLoss``, unverified).
 
     ``scores`` (B, 1 + K): the normalised critic values P of the positive (column 0) and the
     K negatives; the noise is uniform, P_n = 1 / N. With h(P) = P / (P + K P_n):
@@ -230,11 +237,13 @@ def gather(tensor):
 def anchor_schedule(num_anchors, epochs, switch_epochs=None):
     """The anchor (0-based, in route order) that each student epoch 1..``epochs`` learns from.
 
-    Jin et al. (2019) train the student on the anchors one after another, easy to hard (the
-    teacher's earlier checkpoints first, the converged teacher last). By default the student's
-    epochs are split equally (our reading of the equal epoch interval strategy): anchor a
-    takes over after epoch floor(a E / A). ``switch_epochs`` (A - 1 increasing epochs) sets
-    the last epoch of each anchor but the last instead.
+    Jin et al. (2019) supervise the student with anchor points from the teacher's training
+    route, easy to hard (verified: abstract, Sec. 1); that they are learnt one after another,
+    the converged teacher last, is unverified, as are the paper's anchor count and epoch split
+    (docs/BASELINES.md). By default the student's epochs are split equally (our reading of the
+    equal epoch interval strategy, a name itself unverified): anchor a takes over after epoch
+    floor(a E / A). ``switch_epochs`` (A - 1 increasing epochs) sets the last epoch of each
+    anchor but the last instead.
     """
     if switch_epochs is None:
         switch_epochs = [a * epochs // num_anchors for a in range(1, num_anchors)]

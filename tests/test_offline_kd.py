@@ -56,7 +56,8 @@ def test_kd_loss_by_hand_and_hinton_gradient():
     assert ce.item() == pytest.approx(ce_hand) and kl.item() == pytest.approx(kl_hand)
     assert total.item() == pytest.approx(alpha * ce_hand + (1 - alpha) * kl_hand)
     total.backward()
-    # Hinton et al. Eq. (2): d/dz_i of the soft term is (1/T)(p_i - q_i); times T^2 and (1 - alpha), mean over B
+    # Hinton et al. Eq. (2): d/dz_i of the soft term is (1/T)(q_i - p_i), q the student's, p the teacher's
+    # tempered probabilities; times T^2 and (1 - alpha), mean over B
     soft = tau * (F.softmax(z_s.detach() / tau, 1) - F.softmax(z_t / tau, 1))
     hard = F.softmax(z_s.detach(), 1) - F.one_hot(y, 3)
     torch.testing.assert_close(z_s.grad, (alpha * hard + (1 - alpha) * soft) / 2)
@@ -70,7 +71,7 @@ def test_hint_loss_by_hand_and_its_gradient():
     loss = hint_loss(regressed, hint)
     assert loss.item() == pytest.approx((1 + 0 + 1 + 4) / 4)
     loss.backward()
-    # Eq. (3)'s gradient (r - u), scaled by 2 / numel (mean instead of 1/2 sum); the hint gets none
+    # L_HT's gradient (r - u), scaled by 2 / numel (mean instead of 1/2 sum); the hint gets none
     torch.testing.assert_close(regressed.grad, 2 * (regressed - hint).detach() / 4)
     assert hint.grad is None
 
