@@ -210,7 +210,8 @@ def main(argv=None):
     args = parse_args(argv)
     students, teachers = role_names(args.teachers, args.students)
     topology = f"{len(teachers)}T{len(students)}S"
-    run = utils.Run(args, "switokd_multi", {**students, **teachers}, script="three-networks")
+    run = utils.Run(args, "switokd_multi", {**students, **teachers},  # 1T1S: the two-network scripts' recipe
+                    script="three-networks" if len(students) + len(teachers) > 2 else None)
     pairs = [(t, s) for t in teachers for s in students]
     trace = run.state.setdefault("trace", [])  # one dict of per-iteration arrays per epoch
     run.add_derived_file("switching.npz", lambda path: utils.save_trace(path, trace))

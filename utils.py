@@ -275,8 +275,9 @@ def add_common_flags(p: ArgumentParser) -> None:
                    help="paper: the standard published architectures; official/okddip: those of the "
                         "released model files (default: the recipe's)")
     g.add_argument("--script-init", choices=("none", "official"),
-                   help="official: re-draw weights as the released training scripts do where they do "
-                        "(Tiny-ImageNet: every network; three networks: the MobileNet) (default: the recipe's)")
+                   help="official: re-draw the weights of the networks that a released training script "
+                        "re-draws (Tiny-ImageNet: every network; three networks: the MobileNet), and only those "
+                        "(default: the recipe's)")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seeds Python, NumPy and torch")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -823,7 +824,8 @@ class Run:
     """One training run of one or more networks; see the module docstring for its use.
 
     ``networks`` maps a role (``"student"``, ``"teacher"``, ``"net"``, ...) to a model name
-    of the zoo. ``data_options`` go to the data layer (``views``, ``with_index``,
+    of the zoo. ``script`` selects a released script's own recipe table (``recipe_for``; e.g.
+    ``"three-networks"``). ``data_options`` go to the data layer (``views``, ``with_index``,
     ``holdout``: see ``datasets.make_loaders`` and ``datasets.build``).
     ``extra_modules(modules, data)`` may return ``{name: (module, owner_role)}``: trained
     modules that are not networks (a FitNet regressor, CRD's heads); each gets an optimiser
@@ -849,6 +851,7 @@ class Run:
             torch.backends.cudnn.benchmark = True
         seed_everything(args.seed)
 
+        self.script = script
         self.recipes = {role: recipe_for(args.recipe, args.dataset, role, name, script)
                         for role, name in networks.items()}
         run_name = args.run_name or default_run_name(args, networks)
@@ -934,8 +937,10 @@ class Run:
         return data
 
     def _build_network(self, role, name):
-        recipe = self.recipes[role]
-        script_init = self.args.script_init or ("official" if recipe.script_init else "none")
+        script_init = self.args.script_init or ("official" if self.recipes[role].script_init else "none")
+        if script_init == "official" and not recipe_for("official", self.args.dataset, role, name,
+                                                        self.script).script_init:
+            script_init = "none"  # no released script re-draws this network
         try:
             module = models.build(name, self.data.num_classes, image_size=self.data.image_size,
                                   variant=self.args.arch_variant)

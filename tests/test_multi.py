@@ -414,3 +414,20 @@ def test_resume_continues_exactly(tmp_path, interrupted_after):
     assert set(ta.files) == set(tb.files) >= {"G", "delta", "ps_y", "pt_y", "expert", "paused", "ce", "kl", "epoch"}
     for key in set(ta.files) - {"seconds"}:
         np.testing.assert_array_equal(ta[key], tb[key], err_msg=key)
+
+
+def test_one_pair_takes_the_two_network_scripts_recipe(tmp_path):
+    flags = ["--recipe", "official", "--epochs", "1"]
+    multi = train_multi.main(tiny(tmp_path, "--teachers", "wrn_16_1", "--students", "mobilenetv2_0.5", *flags,
+                                  iterations=1))
+    pair = train_switokd.main(tiny(tmp_path, "--teacher", "wrn_16_1", "--student", "mobilenetv2_0.5", *flags,
+                                   iterations=1))
+    assert multi["networks"] == pair["networks"]
+
+
+def test_script_init_alone_redraws_only_what_a_released_script_redraws(tmp_path):
+    results = train_multi.main(tiny(tmp_path, "--teachers", "wrn_16_1", "resnet20", "--students", "mobilenet",
+                                    "--script-init", "official", iterations=1))
+    assert {role: n["script_init"] for role, n in results["networks"].items()} == \
+        {S1: "official", T1: "none", T2: "none"}
+    assert results["networks"][S1]["optimizer"] == "adam" and results["networks"][T1]["lr_drop"] == "after"
