@@ -5,7 +5,10 @@ one ``--distill`` each; every run writes to ``<--out>/<method>/<run-name>/`` and
 ``method`` = kd / fitnet / at / crd / rco in its ``results.json``:
 
 * ``kd``: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
-  Table 1's loss of the SwitOKD paper, ``alpha CE(y, p_s) + (1 - alpha) tau^2 KL(p_t^tau || p_s^tau)``.
+  Table 1's loss of the SwitOKD paper, ``alpha CE(y, p_s) + (1 - alpha) tau^2 KL(p_t^tau || p_s^tau)``;
+  ``--kd-form okddip``: the OKDDip release's classic KD, ``CE + tau^2 KL`` with its KL
+  (docs/OKDDIP.md; e.g. ``--recipe okddip --student resnet32`` from a ``resnet110`` teacher
+  trained by ``train_vanilla.py --recipe okddip``, as that release's README runs it).
 * ``fitnet``: Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015). A teacher
   stage (the *hint*) regressed from the student stage of the same size (the *guided*
   layer) through a learned regressor, MSE: ``CE + beta MSE(r(v_g), u_h)``.
@@ -44,7 +47,7 @@ from torch import nn
 
 import datasets
 import models
-from distill import kl_loss
+from distill import kl_loss, okddip_kl
 
 METHODS = {
     "kd": "KD (Hinton, Vinyals & Dean, Distilling the Knowledge in a Neural Network, 2015)",
@@ -56,6 +59,7 @@ METHODS = {
 BETA = {"fitnet": 100.0, "at": 1000.0, "crd": 0.8}
 """The weight of each feature method's term: the CRD benchmark's (RepDistiller's run_cifar_distill.sh)."""
 REGRESSORS = ("conv-bn-relu", "conv-bn", "conv")
+KD_FORMS = ("table1", "okddip")
 
 
 # =========================================================================== KD (Hinton et al., 2015)
@@ -73,6 +77,18 @@ def kd_loss(student_logits, teacher_logits, targets, alpha=0.1, tau=3.0):
     ce = F.cross_entropy(student_logits, targets)
     kl = kl_loss(teacher_logits, student_logits, tau)
     return alpha * ce + (1 - alpha) * kl, ce, kl
+
+
+def okddip_kd_loss(student_logits, teacher_logits, targets, tau=3.0):
+    """L = CE(y, p_s^1) + tau^2 KL(p_t^tau + 1e-7 || p_s^tau): the OKDDip release's classic KD.
+
+    Its ``train_kd.py:86-93`` (reference/okddip-code-facts.md Sec. 2.5): CE weight 1, the soft
+    term weight alpha = 1, T = 3, no ramp-up, the release's KL (``distill.okddip_kl``; the
+    teacher is frozen, so nothing flows back into it). Returns (total, CE term, KL term).
+    """
+    ce = F.cross_entropy(student_logits, targets)
+    kl = okddip_kl(teacher_logits.detach(), student_logits, tau)
+    return ce + kl, ce, kl
 
 
 # =========================================================================== FitNet (Romero et al., 2015)
@@ -337,7 +353,7 @@ def with_kd(loss, values, z_s, z_t, kd_weight, tau):
 # =========================================================================== flags
 
 METHOD_FLAGS = {
-    "alpha": ("kd", "rco"), "beta": ("fitnet", "at", "crd"), "kd_weight": ("fitnet", "at", "crd"),
+    "alpha": ("kd", "rco"), "kd_form": ("kd",), "beta": ("fitnet", "at", "crd"), "kd_weight": ("fitnet", "at", "crd"),
     "hint_layer": ("fitnet",), "guided_layer": ("fitnet",), "regressor": ("fitnet",), "at_p": ("at",),
     "feat_dim": ("crd",), "nce_k": ("crd",), "nce_t": ("crd",), "nce_m": ("crd",), "crd_mode": ("crd",),
     "anchors": ("rco",), "switch_epochs": ("rco",),
@@ -356,6 +372,10 @@ def parse_args(argv=None):
                    help="the method: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     g.add_argument("--alpha", type=utils.number(float, 0, 1), default=0.1,
                    help="kd, rco: weight of the cross-entropy with the labels; the KL term gets 1 - alpha (Table 1)")
+    g.add_argument("--kd-form", default="table1", choices=KD_FORMS,
+                   help="kd: table1: alpha CE + (1 - alpha) tau^2 KL (SwitOKD's Table 1); okddip: CE + tau^2 KL "
+                        "with 1e-7 added to the teacher's probabilities, the OKDDip release's classic KD "
+                        "(no --alpha)")
     g.add_argument("--tau", type=utils.POSITIVE, default=3.0, help="distillation temperature of every KL term")
     g.add_argument("--beta", type=utils.NON_NEGATIVE,
                    help="fitnet, at, crd: weight of the method's term beside CE (weight 1) (default: the CRD "
@@ -391,6 +411,9 @@ def parse_args(argv=None):
         if args.distill not in methods and getattr(args, flag) != args._defaults[flag]:
             raise utils.UsageError(f"--{flag.replace('_', '-')} applies to --distill {' or '.join(methods)}, "
                                    f"not {args.distill}")
+    if args.kd_form == "okddip" and args.alpha != args._defaults["alpha"]:
+        raise utils.UsageError("--alpha weighs --kd-form table1; --kd-form okddip weighs CE and KL by 1, "
+                               "as the OKDDip release")
     return args
 
 
@@ -448,7 +471,11 @@ def setup_features(args, data, modules, loaded):
 def make_objective(args, run, loaded):
     """The method's ``objective(z_s, z_t, f_s, f_t, targets, **batch) -> (loss, logged values)``."""
     beta = args.beta if args.beta is not None else BETA.get(args.distill)
-    if args.distill in ("kd", "rco"):
+    if args.distill == "kd" and args.kd_form == "okddip":
+        def objective(z_s, z_t, f_s, f_t, targets):
+            loss, ce, kl = okddip_kd_loss(z_s, z_t, targets, args.tau)
+            return loss, {"ce": ce, "kl": kl}
+    elif args.distill in ("kd", "rco"):
         def objective(z_s, z_t, f_s, f_t, targets):
             loss, ce, kl = kd_loss(z_s, z_t, targets, args.alpha, args.tau)
             return loss, {"ce": ce, "kl": kl}
@@ -486,7 +513,7 @@ def summary(args, run, loaded, beta, teacher_info):
     resumed after a crash rebuilds it)."""
     common = {"kd_weight": args.kd_weight, "tau": args.tau, "beta": beta}
     if args.distill == "kd":
-        method = {"alpha": args.alpha, "tau": args.tau}
+        method = {"form": args.kd_form, "alpha": args.alpha if args.kd_form == "table1" else 1.0, "tau": args.tau}
     elif args.distill == "fitnet":
         (hint, guided), = loaded["pairs"]
         method = {**common, "hint_layer": hint, "guided_layer": guided, "regressor": args.regressor}

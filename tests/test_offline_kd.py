@@ -24,7 +24,7 @@ import train_kd
 import train_vanilla
 import utils
 from train_kd import (CRDHeads, HintRegressor, anchor_schedule, attention_loss, attention_map, contrast_scores,
-                      crd_loss, hint_loss, kd_loss, nce_loss, update_memory)
+                      crd_loss, hint_loss, kd_loss, nce_loss, okddip_kd_loss, update_memory)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -61,6 +61,27 @@ def test_kd_loss_by_hand_and_hinton_gradient():
     soft = tau * (F.softmax(z_s.detach() / tau, 1) - F.softmax(z_t / tau, 1))
     hard = F.softmax(z_s.detach(), 1) - F.one_hot(y, 3)
     torch.testing.assert_close(z_s.grad, (alpha * hard + (1 - alpha) * soft) / 2)
+
+
+def test_okddip_kd_loss_by_hand_and_its_gradient():
+    z_s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    z_t = torch.tensor([[3.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 2])
+    tau = 3.0
+    total, ce, kl = okddip_kd_loss(z_s, z_t, y, tau)
+    rows = [(z_s[b].tolist(), z_t[b].tolist(), y[b].item()) for b in range(2)]
+    ce_hand = sum(-math.log(softmax(s)[c]) for s, _, c in rows) / 2
+    kl_hand = sum(tau ** 2 * sum((q + 1e-7) * (math.log(q + 1e-7) - math.log(p))
+                                 for q, p in zip(softmax(t, tau), softmax(s, tau))) for s, t, _ in rows) / 2
+    assert ce.item() == pytest.approx(ce_hand) and kl.item() == pytest.approx(kl_hand)
+    assert total.item() == pytest.approx(ce_hand + kl_hand)  # CE and KL both weighted 1, as the release
+    total.backward()
+    # d/dz_i of -tau^2 sum_c r_c log p_c (r = q + 1e-7 sums to 1 + C 1e-7) is tau (p_i sum_c r_c - r_i)
+    r = F.softmax(z_t.detach() / tau, 1) + 1e-7
+    soft = tau * (F.softmax(z_s.detach() / tau, 1) * r.sum(1, keepdim=True) - r)
+    hard = F.softmax(z_s.detach(), 1) - F.one_hot(y, 3)
+    torch.testing.assert_close(z_s.grad, (hard + soft) / 2)
+    assert z_t.grad is None  # the teacher is fixed
 
 
 # --------------------------------------------------------------------------- FitNet
@@ -435,6 +456,14 @@ def test_kd_keeps_the_teacher_fixed_and_its_record(tmp_path, teacher_dir, monkey
     assert {"train/ce", "train/kl", "train/at_loss", "train/loss"} <= row.keys()
 
 
+def test_okddip_release_kd_end_to_end(tmp_path, teacher_dir):
+    results = student(tmp_path, teacher_dir, "kd", "okddip", "--epochs", "1", "--kd-form", "okddip",
+                      "--recipe", "okddip", "--student", "resnet32")  # the release's network
+    assert results["kd"] == {"form": "okddip", "alpha": 1.0, "tau": 3.0}
+    network = results["networks"]["student"]
+    assert (network["optimizer"], network["variant"], network["lr_drop"]) == ("sgd", "okddip", "start")
+
+
 def run_guarded(argv, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["train_kd.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
@@ -445,6 +474,8 @@ def run_guarded(argv, monkeypatch, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--distill", "kd", "--nce-k", "5"], "--nce-k applies to --distill crd, not kd"),
     (["--distill", "crd", "--alpha", "0.5"], "--alpha applies to --distill kd or rco, not crd"),
+    (["--distill", "rco", "--kd-form", "okddip"], "--kd-form applies to --distill kd, not rco"),
+    (["--kd-form", "okddip", "--alpha", "0.5"], "--alpha weighs --kd-form table1"),
     (["--distill", "fitnet", "--hint-layer", "7"], "--hint-layer 7: the teacher has stages 1..3"),
     (["--distill", "rco", "--anchors", "3"], "--anchors 3: not in the route"),
     (["--distill", "rco", "--switch-epochs", "1", "1"], "--switch-epochs: 2 anchors need 1 increasing switch"),
