@@ -2,7 +2,8 @@
 # The OKDDip paper's CIFAR comparison (Chen et al., AAAI 2020; docs/OKDDIP.md): Baseline, individual
 # branches (Ind), DML (the release's form: 4 networks, T = 3, mean-logit targets), CL-ILR, ONE and
 # OKDDip (branch-based), each as the authors' release runs it (--recipe okddip: its networks,
-# Nesterov SGD 0.1, 300 epochs), on CIFAR-10 and CIFAR-100 for its five backbones; 3 seeds.
+# Nesterov SGD 0.1, 300 epochs), on CIFAR-10 and CIFAR-100 for its five backbones; 3 seeds. Then
+# classic KD as the release's README runs it: ResNet-32 from the ResNet-110 baseline.
 # summarize.py prints the table "okddip_cifar" as top-1 ERROR, mean +- std. Options: --help.
 # Smoke mode runs one backbone on one dataset (each training script and method once; launch.py then
 # trains the release's ResNet-32 on digits).
@@ -35,6 +36,16 @@ for seed in $SEEDS; do
     for dataset in $DATASETS; do
       compare "$dataset" "$b" "$seed"
     done
+  done
+  for dataset in $DATASETS; do  # KD's teacher (one of the baselines above, unless --smoke)
+    run "$seed" "$dataset-resnet110" train_vanilla.py --dataset "$dataset" --recipe okddip --model resnet110
+  done
+done
+barrier
+for seed in $SEEDS; do
+  for dataset in $DATASETS; do
+    run "$seed" "$dataset-resnet32-from-resnet110" train_kd.py --dataset "$dataset" --recipe okddip \
+      --kd-form okddip --student resnet32 --teacher-ckpt "$(rundir vanilla "$dataset-resnet110-seed$seed")"
   done
 done
 launch

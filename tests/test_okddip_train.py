@@ -426,6 +426,9 @@ def test_summarize_prints_the_okddip_table_as_error(tmp_path, capsys):
     fake_run(tmp_path, "one", "c10-r32-one", 0, "cifar10", {"net": ("one:resnet32", 93.0, 92.0)},
              {"one": {"ilr": False, "detach_targets": False}})
     fake_run(tmp_path, "vanilla", "c10-r32", 0, "cifar10", {"student": ("resnet32", 92.0, 91.5)}, {})
+    for form, best in (("okddip", 94.0), ("table1", 50.0)):  # only the release's KD is in the table
+        fake_run(tmp_path, "kd", f"c10-r32-from-r110-{form}", 0, "cifar10", {"student": ("resnet32", best, best)},
+                 {"kd": {"form": form}, "teacher": {"arch": "resnet110"}})
     assert summarize.main([str(tmp_path), "--csv"]) == 0
     cells = {(r["row"], r["column"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))
              if r["table"] == "okddip_cifar"}
@@ -441,6 +444,8 @@ def test_summarize_prints_the_okddip_table_as_error(tmp_path, capsys):
     assert float(dml["best_mean"]) == pytest.approx(28.0) and float(dml["final_mean"]) == pytest.approx(29.0)
     assert float(cells[("ResNet-32: ONE (mean of branches)", "CIFAR-10")]["best_mean"]) == pytest.approx(7.0)
     assert float(cells[("ResNet-32: Baseline", "CIFAR-10")]["best_mean"]) == pytest.approx(8.0)
+    kd = cells[("ResNet-32: KD from ResNet-110 (the release's train_kd.py)", "CIFAR-10")]
+    assert kd["n"] == "1" and float(kd["best_mean"]) == pytest.approx(6.0)
     assert summarize.main([str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "Top-1 ERROR %" in text and "25.75 ± 0.35 / 26.75 ± 0.35 (n=2) · paper 25.65 ± 0.15 (+0.10)" in text

@@ -51,7 +51,7 @@ def test_smoke_all_runs_every_script_to_the_end(smoke):
                            "okddip_cifar"}
     finished = list(smoke.rglob("results.json"))
     # table6 lists ResNet-18 alone in both of its pairs; fig6 lists 5 runs of table6 again
-    assert len(runs) == 108 and len(finished) == len(set(runs)) == 102
+    assert len(runs) == 110 and len(finished) == len(set(runs)) == 104
     assert not [p for p in smoke.rglob("last.pt") if not (p.parent / "results.json").is_file()]
     summary = (smoke / "summary.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. 4", "Fig. 1", "Fig. 5",
