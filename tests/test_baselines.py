@@ -403,7 +403,7 @@ def test_kd_end_to_end_keeps_the_teacher_fixed(tmp_path, teacher_dir, monkeypatc
     assert (teacher["dataset"], teacher["role"]) == ("synthetic", "teacher")
     assert teacher["test_top1"] == pytest.approx(saved["metrics"]["top1"])
     on_disk = json.loads((tmp_path / "kd" / "kd" / "results.json").read_text())
-    assert on_disk["kd"] == {"alpha": 0.1, "tau": 3.0} and on_disk["method"] == "kd"
+    assert on_disk["kd"] == {"form": "table1", "alpha": 0.1, "tau": 3.0} and on_disk["method"] == "kd"
 
 
 def test_kd_checkpoint_resolution(teacher_dir):
