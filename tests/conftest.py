@@ -29,3 +29,16 @@ def _interrupted_after(epoch=1):
 def interrupted_after():
     """The context manager :func:`_interrupted_after` (a run interrupted after an epoch, to test resume)."""
     return _interrupted_after
+
+
+@pytest.fixture
+def loaded_teacher(monkeypatch):
+    """A dict that gets ``"teacher"``: the network ``train_kd.load_teacher`` returns during the test."""
+    import train_kd
+    captured, load_teacher = {}, train_kd.load_teacher
+
+    def capture(*args, **kwargs):
+        captured["teacher"] = load_teacher(*args, **kwargs)
+        return captured["teacher"]
+    monkeypatch.setattr(train_kd, "load_teacher", capture)
+    return captured

@@ -383,13 +383,8 @@ def teacher_dir(tmp_path_factory):
     return out / "vanilla" / "t"
 
 
-def test_kd_end_to_end_keeps_the_teacher_fixed(tmp_path, teacher_dir, monkeypatch):
-    captured, load_teacher = {}, train_kd.load_teacher
-
-    def capture(*args, **kwargs):
-        captured["teacher"] = load_teacher(*args, **kwargs)
-        return captured["teacher"]
-    monkeypatch.setattr(train_kd, "load_teacher", capture)
+def test_kd_end_to_end_keeps_the_teacher_fixed(tmp_path, teacher_dir, loaded_teacher):
+    captured = loaded_teacher
     results = train_kd.main([*TINY, "--student", "resnet20", "--teacher-ckpt", str(teacher_dir),
                              "--out", str(tmp_path), "--run-name", "kd"])
     saved = torch.load(teacher_dir / "best_teacher.pt", weights_only=False)

@@ -67,14 +67,18 @@ def released_two_network_step(teacher, student, opt_t, opt_s, x, y):
     return False, loss_s.item()
 
 
+def released_three_forwards(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x):
+    """The three-network scripts' opening, in their order: each optimiser zeroed, then its network's forward."""
+    outputs = []
+    for net, opt in ((wrn2, opt_2), (wrn10, opt_10), (mobile, opt_m)):
+        opt.zero_grad()
+        outputs.append(net(x))
+    return outputs
+
+
 def released_1t2s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
     """The released 1T2S main.py (teacher WRN-16-10; students WRN-16-2 and MobileNet): returns (w1, w2)."""
-    opt_2.zero_grad()
-    out = wrn2(x)
-    opt_10.zero_grad()
-    out2 = wrn10(x)
-    opt_m.zero_grad()
-    out_m = mobile(x)
+    out, out2, out_m = released_three_forwards(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x)
     ps_pt2, s_label2, t_label2 = released_distances(out_m.detach(), out2.detach(), y)
     delta2 = released_delta(s_label2, t_label2, s_label2, t_label2)
     ps_pt, s_label, t_label = released_distances(out.detach(), out2.detach(), y)
@@ -96,12 +100,7 @@ def released_1t2s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
 
 def released_2t1s_step(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x, y):
     """The released 2T1S main.py (teachers WRN-16-2 and WRN-16-10; student MobileNet): returns (flag, flag2)."""
-    opt_2.zero_grad()
-    out = wrn2(x)
-    opt_10.zero_grad()
-    out2 = wrn10(x)
-    opt_m.zero_grad()
-    out_m = mobile(x)
+    out, out2, out_m = released_three_forwards(wrn2, wrn10, mobile, opt_2, opt_10, opt_m, x)
     losses = {}
     ps_pt, s_label, t_label = released_distances(out_m.detach(), out.detach(), y)
     flag = int(bool(ps_pt > released_delta(s_label, t_label, s_label, t_label) and t_label < s_label))

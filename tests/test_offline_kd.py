@@ -438,13 +438,8 @@ def test_every_method_end_to_end_resumes_bit_for_bit(method, tmp_path, teacher_d
     assert expected in rows[0] and math.isfinite(rows[0][expected]) and rows[0][expected] > 0
 
 
-def test_kd_keeps_the_teacher_fixed_and_its_record(tmp_path, teacher_dir, monkeypatch):
-    captured, load_teacher = {}, train_kd.load_teacher
-
-    def capture(*args, **kwargs):
-        captured["teacher"] = load_teacher(*args, **kwargs)
-        return captured["teacher"]
-    monkeypatch.setattr(train_kd, "load_teacher", capture)
+def test_kd_keeps_the_teacher_fixed_and_its_record(tmp_path, teacher_dir, loaded_teacher):
+    captured = loaded_teacher
     results = student(tmp_path, teacher_dir, "at", "at", "--epochs", "1", "--kd-weight", "0.5", "--tau", "4")
     saved = torch.load(teacher_dir / "best_teacher.pt", weights_only=False)
     assert all(torch.equal(captured["teacher"].state_dict()[k], v) for k, v in saved["model"].items())
