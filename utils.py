@@ -403,7 +403,7 @@ students), momentum 0.9, wd 5e-4, batch 64, x0.1 at 150/180/210 of 240 epochs.""
 
 RECIPES = {"paper": PAPER_RECIPES, "official": OFFICIAL_RECIPES, "okddip": OKDDIP_RECIPES, "crd": CRD_RECIPES}
 RECIPE_NAMES = tuple(RECIPES)
-OFFLINE_SETS = ("digits", "synthetic")  # not in any paper: they borrow CIFAR-100's recipes
+OFFLINE_SETS = ("mnist", "fashionmnist", "digits", "synthetic")  # in no paper: they borrow CIFAR-100's recipes
 
 
 def recipe_for(name: str, dataset: str, role: str, network: str | None = None, script: str | None = None) -> Recipe:
@@ -998,7 +998,8 @@ class Run:
             print(f"--resume: no last.pt in {self.dir.path}; starting a new run", file=sys.stderr, flush=True)
         self.global_step = self.epoch * len(self.train_loader)
         self.invocations.append({**provenance(self.device), "from_epoch": self.epoch,
-                                 "epochs": self.args.epochs, "world_size": self.world_size})
+                                 "epochs": self.args.epochs, "world_size": self.world_size,
+                                 "data_source": self.data.source})
         if self.main:
             atomic_write(self.dir / "metrics.jsonl",  # drops rows of an epoch whose checkpoint was lost
                          lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history)))
@@ -1254,7 +1255,7 @@ class Run:
         self.console.print(f"{self.method}: {verb} {self.dir.path}")
         self.console.print(f"  data {args.dataset}: {len(self.data.train)} train / {len(self.data.test)} test "
                            f"images, {self.data.num_classes} classes, batch {args.batch_size}, "
-                           f"{type(self.train_loader).__name__}")
+                           f"{type(self.train_loader).__name__}; from {self.data.source}")
         self.console.print(f"  device {self.device}{f' x {self.world_size} processes' if self.world_size > 1 else ''}"
                            f", amp {args.amp or 'off'}{', channels_last' if args.channels_last else ''}"
                            f"{', compile ' + args.compile if args.compile else ''}; recipe {args.recipe}, "

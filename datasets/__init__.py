@@ -3,8 +3,10 @@
 Datasets (``NAMES``): ``cifar10``/``cifar100`` (torchvision, downloadable),
 ``tinyimagenet`` (official ``tiny-imagenet-200/`` tree, downloadable, disk-backed),
 ``imagenet`` (ImageFolder ``train/``+``val/``, never downloaded, disk-backed),
-``digits`` (scikit-learn, bundled) and ``synthetic`` (generated). See
-:mod:`datasets.vision` and :mod:`datasets.small` for layouts, splits and statistics;
+``mnist``/``fashionmnist`` (original idx files, torchvision's classes; Fashion-MNIST also
+from the Debian package ``dataset-fashion-mnist``), ``digits`` (scikit-learn, bundled) and
+``synthetic`` (generated). See :mod:`datasets.vision`, :mod:`datasets.mnist` and
+:mod:`datasets.small` for layouts, splits and statistics;
 :class:`ContrastSampler` (:mod:`datasets.contrast`) draws CRD's positives and negatives.
 """
 
@@ -13,10 +15,11 @@ from __future__ import annotations
 from .contrast import CONTRAST_MODES, ContrastSampler, train_targets
 from .core import DataBundle, DatasetNotFoundError, split_holdout, take_subset
 from .loaders import Loaders, make_loaders
+from .mnist import build_mnist
 from .small import build_digits, build_synthetic
 from .vision import build_cifar, build_imagenet, build_tinyimagenet, image_folder
 
-NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "digits", "synthetic")
+NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "mnist", "fashionmnist", "digits", "synthetic")
 
 __all__ = ["CONTRAST_MODES", "NAMES", "ContrastSampler", "DataBundle", "DatasetNotFoundError", "Loaders", "build",
            "image_folder", "make_loaders", "train_targets"]
@@ -29,6 +32,8 @@ def _build_full(name: str, root: str, download: bool, synthetic: dict | None) ->
         return build_tinyimagenet(root, download)
     if name == "imagenet":
         return build_imagenet(root)
+    if name in ("mnist", "fashionmnist"):
+        return build_mnist(name, root, download)
     if name == "digits":
         return build_digits()
     return build_synthetic(synthetic)

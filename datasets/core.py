@@ -28,7 +28,8 @@ class DataBundle:
     augmentation / eval transform applied. ``train_arrays``/``test_arrays`` are the
     raw, unaugmented ``(uint8 N,C,H,W, int64 N)`` tensors of in-memory datasets and
     ``None`` for disk-backed ones. ``holdout``/``holdout_arrays`` (see :func:`split_holdout`)
-    are training images set aside, served through the eval transform.
+    are training images set aside, served through the eval transform. ``source`` says where
+    the data was read from (a folder, or how it was made), for the banner and the run's record.
     """
 
     name: str
@@ -44,6 +45,7 @@ class DataBundle:
     flip: bool
     holdout: Dataset | None = None
     holdout_arrays: tuple[Tensor, Tensor] | None = None
+    source: str | None = None
 
 
 def balanced_subset(targets: Tensor, n: int) -> Tensor:

@@ -208,7 +208,8 @@ def make_loaders(bundle: DataBundle, batch_size: int, test_batch_size: int, load
         splits = bundle.train, bundle.test, bundle.holdout
     else:
         if bundle.train_arrays is None or bundle.test_arrays is None:
-            raise ValueError("--loader tensor needs an in-memory dataset (cifar10, cifar100, digits, synthetic); "
+            raise ValueError("--loader tensor needs an in-memory dataset (cifar10, cifar100, mnist, fashionmnist, digits, "
+                             "synthetic); "
                              f"{bundle.name!r} is disk-backed: use --loader torch")
 
         def make(arrays, batch, **options):

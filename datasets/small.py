@@ -48,14 +48,14 @@ class ArrayDataset(Dataset):
 
 
 def array_bundle(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int,
-                 mean, std, flip: bool) -> DataBundle:
+                 mean, std, flip: bool, source: str | None = None) -> DataBundle:
     """A :class:`DataBundle` for in-memory uint8 arrays with the small-set crop(pad 4)/flip pipeline."""
     size = train[0].shape[-1]
     return DataBundle(
         name=name, num_classes=num_classes, image_size=size, mean=mean, std=std,
         train=ArrayDataset(*train, transforms.crop_flip(size, 4, flip, mean, std)),
         test=ArrayDataset(*test, transforms.plain(mean, std)),
-        train_arrays=train, test_arrays=test, crop_padding=4, flip=flip,
+        train_arrays=train, test_arrays=test, crop_padding=4, flip=flip, source=source,
     )
 
 
@@ -77,7 +77,8 @@ def build_digits() -> DataBundle:
     )
     train = (_digit_images(x_tr), torch.from_numpy(y_tr).long())
     test = (_digit_images(x_te), torch.from_numpy(y_te).long())
-    return array_bundle("digits", train, test, 10, DIGITS_MEAN, DIGITS_STD, flip=False)
+    return array_bundle("digits", train, test, 10, DIGITS_MEAN, DIGITS_STD, flip=False,
+                        source="scikit-learn load_digits()")
 
 
 def _synthetic_split(patterns: Tensor, n: int, size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -106,4 +107,4 @@ def build_synthetic(options: dict | None = None) -> DataBundle:
     pixels = train[0].double().div(255).transpose(0, 1).flatten(1)
     mean = tuple(round(v, 4) for v in pixels.mean(1).tolist())
     std = tuple(round(v, 4) for v in pixels.std(1, unbiased=False).tolist())
-    return array_bundle("synthetic", train, test, k, mean, std, flip=True)
+    return array_bundle("synthetic", train, test, k, mean, std, flip=True, source=f"generated {cfg}")

@@ -105,7 +105,7 @@ def build_cifar(name: str, root: str, download: bool) -> DataBundle:
     return DataBundle(
         name=name, num_classes=len(train.classes), image_size=32, mean=mean, std=std,
         train=train, test=test, train_arrays=_arrays(train), test_arrays=_arrays(test),
-        crop_padding=4, flip=True,
+        crop_padding=4, flip=True, source=str(folder),
     )
 
 
@@ -263,6 +263,7 @@ def build_tinyimagenet(root: str, download: bool) -> DataBundle:
     return DataBundle(
         name="tinyimagenet", num_classes=len(train.classes), image_size=64, mean=mean, std=std,
         train=train, test=test, train_arrays=None, test_arrays=None, crop_padding=4, flip=True,
+        source=str(base),
     )
 
 
@@ -278,6 +279,7 @@ def build_imagenet(root: str) -> DataBundle:
     return DataBundle(
         name="imagenet", num_classes=len(train.classes), image_size=224, mean=mean, std=std,
         train=train, test=test, train_arrays=None, test_arrays=None, crop_padding=0, flip=True,
+        source=str(root),
     )
 
 

@@ -5,9 +5,9 @@
 
 Panels: (a) test accuracy of student and teacher per epoch, the gap between them shaded;
 (b) their test loss; (c) the student's CE and KL training losses (epoch means); (d) the
-L1 norms of Eqn. (1) and Table 1, G = ||p_s - p_t||_1 and ||p_s - y||_1, per iteration
-(moving average), over the colour bar of the switching: cyan = learning mode, magenta =
-expert mode (one stripe per iteration). A KDCL run given with --compare is drawn dashed
+L1 norms of Eqn. (1) and Table 1, G = ||p_s - p_t||_1 and ||p_s - y||_1, and the switching
+threshold delta of Eqn. (13), per iteration (moving average), over the colour bar of the
+switching: cyan = learning mode, magenta = expert mode (one stripe per iteration). A KDCL run given with --compare is drawn dashed
 in (a)-(c). A run with ``--r-form ratio`` gives Fig. 4(e), the paper's default 4(f).
 """
 from __future__ import annotations
@@ -79,10 +79,11 @@ def plot(run_dir: Path, compare: Path | None, output: Path) -> Path:
 
     positions = iteration_positions(trace["epoch"])
     window = max(1, len(positions) // 200)
-    for key, colour, label in (("G", "tab:purple", "G = ||p_s - p_t||_1 (KL gradient)"),
-                               ("ps_y", "tab:green", "||p_s - y||_1 (CE gradient)")):
+    for key, colour, style, label in (("G", "tab:purple", "-", "G = ||p_s - p_t||_1 (KL gradient)"),
+                                      ("ps_y", "tab:green", "-", "||p_s - y||_1 (CE gradient)"),
+                                      ("delta", "black", "--", "delta, Eqn. (13) (switching threshold)")):
         ax_l1.plot(positions, trace[key], color=colour, alpha=0.15, linewidth=0.5)
-        ax_l1.plot(positions, moving_average(trace[key], window), color=colour, label=label)
+        ax_l1.plot(positions, moving_average(trace[key], window), style, color=colour, label=label)
     expert = trace["expert"].astype(float)[None, :]
     left = positions[0] - (positions[1] - positions[0] if len(positions) > 1 else 1.0)
     ax_bar.imshow(expert, aspect="auto", cmap=ListedColormap([CYAN, MAGENTA]), vmin=0, vmax=1,
@@ -97,7 +98,7 @@ def plot(run_dir: Path, compare: Path | None, output: Path) -> Path:
         ax.set_xlim(0, max(r["epoch"] for r in rows))
     titles = {ax_acc: ("(a) test accuracy", "top-1 (%)"), ax_loss: ("(b) test loss", "cross-entropy (log scale)"),
               ax_kl: ("(c) student training losses (epoch means)", "loss"),
-              ax_l1: ("(d) L1 norms of the gradients (per iteration, moving average)", "L1 norm")}
+              ax_l1: ("(d) L1 norms of the gradients and delta (per iteration, moving average)", "L1 norm")}
     for ax, (title, ylabel) in titles.items():
         ax.set_title(title)
         ax.set_ylabel(ylabel)

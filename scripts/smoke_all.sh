@@ -24,7 +24,7 @@ fail() { echo "smoke_all.sh: $*" >&2; exit 1; }
 plan="$OUT/smoke-plan.txt"
 : >"$plan"
 scripts=(table2_ablation table3_temperature table4_comparison table5_offline_kd table6_imagenet
-         table7_three_networks fig1_fig5_capacity fig4_switching fig6_gradcam fig7_time okddip_cifar)
+         table7_three_networks fig1_fig5_capacity fig4_switching fig6_gradcam fig7_time okddip_cifar cpu_study)
 for script in "${scripts[@]}"; do
   PLAN_SINK="$plan" "scripts/$script.sh" || fail "scripts/$script.sh failed"
 done

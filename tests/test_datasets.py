@@ -380,8 +380,9 @@ def test_corrupt_cifar_is_not_found(cifar10_root):
 
 
 def test_bad_names():
-    with pytest.raises(ValueError, match="'mnist'.*cifar10, cifar100, tinyimagenet, imagenet, digits, synthetic"):
-        datasets.build("mnist")
+    with pytest.raises(ValueError, match="'emnist'.*cifar10, cifar100, tinyimagenet, imagenet, mnist, fashionmnist, "
+                                         "digits, synthetic"):
+        datasets.build("emnist")
     with pytest.raises(ValueError, match="'jax'"):
         datasets.make_loaders(datasets.build("digits"), 8, 8, loader="jax")
     with pytest.raises(ValueError, match="synthetic"):

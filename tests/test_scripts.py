@@ -4,6 +4,7 @@ the figure scripts on a real short run."""
 import csv
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,14 +49,14 @@ def test_smoke_all_runs_every_script_to_the_end(smoke):
     runs = [line for line in plan.splitlines() if line.startswith("run ")]
     experiments = {line.split()[1] for line in runs}
     assert experiments == {"table2", "table3", "table4", "table5", "table6", "table7", "fig1", "fig4", "fig5", "fig7",
-                           "okddip_cifar"}
+                           "okddip_cifar", "cpu_study"}
     finished = list(smoke.rglob("results.json"))
     # table6 lists ResNet-18 alone in both of its pairs; fig6 lists 5 runs of table6 again
-    assert len(runs) == 110 and len(finished) == len(set(runs)) == 104
+    assert len(runs) == 128 and len(finished) == len(set(runs)) == 122
     assert not [p for p in smoke.rglob("last.pt") if not (p.parent / "results.json").is_file()]
     summary = (smoke / "summary.md").read_text()
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Table 7", "Fig. 4", "Fig. 1", "Fig. 5",
-                  "Fig. 7", "OKDDip"):
+                  "Fig. 7", "OKDDip", "CPU study"):
         assert f"## {title}" in summary
     assert "In progress" not in summary and "No run matches a cell" in summary  # digits runs: in no paper cell
     every = io.StringIO()
@@ -358,7 +359,20 @@ def test_summarize_table_specific_matching(tmp_path):
              {"kd": {"alpha": 0.1, "tau": 3.0}, "teacher": {"arch": "wrn_40_2", "checkpoint": "x", "params": 2}})
     fake_run(tmp_path, "fig7", "dml", "t", 0, {"student": ("mobilenetv2", 1.0, 1.0), "teacher": ("resnet18", 2.0, 2.0)},
              dataset="tinyimagenet")
+    for seed in (0, 1):  # scripts/cpu_study.sh: Fashion-MNIST, Vanilla teacher, KD from it, SwitOKD
+        fake_run(tmp_path, "cpu_study", "vanilla", "t", seed, {"teacher": ("wrn_16_2", 88.0 + seed, 87.0)},
+                 dataset="fashionmnist")
+        fake_run(tmp_path, "cpu_study", "kd", "kd", seed, {"student": ("wrn_10_1", 86.0 + seed, 85.0)},
+                 {"teacher": {"arch": "wrn_16_2"}}, dataset="fashionmnist")
+        fake_run(tmp_path, "cpu_study", "switokd", "s", seed, {"student": ("wrn_10_1", 87.0, 86.5 + seed),
+                                                              "teacher": ("wrn_16_2", 89.0, 88.0)}, SWITOKD,
+                 dataset="fashionmnist")
     cells = {(r["table"], r["row"], r["column"]): r for r in summarize_csv(tmp_path)}
+    assert (cells[("cpu_study", "teacher WRN-16-2", "Vanilla")]["best_mean"],
+            cells[("cpu_study", "teacher WRN-16-2", "Vanilla")]["n"]) == ("88.5000", "2")
+    assert cells[("cpu_study", "student WRN-10-1", "KD")]["best_std"] == f"{math.sqrt(0.5):.4f}"
+    assert cells[("cpu_study", "student WRN-10-1", "SwitOKD")]["final_mean"] == "87.0000"
+    assert cells[("cpu_study", "student WRN-10-1", "KD")]["paper"] == ""
     assert float(cells[("table2", "A: no switching", "ResNet-32 (student)")]["best_mean"]) == 72.0
     assert float(cells[("table2", "B: fixed delta = 0.6", "ResNet-32 (student)")]["best_mean"]) == 71.0
     assert ("table2", "B: fixed delta = 0.2", "ResNet-32 (student)") not in cells
@@ -415,7 +429,7 @@ def test_summarize_runs_table_has_one_row_per_run_and_network(tmp_path):
 def test_published_numbers_fill_every_grid():
     tables = json.loads((SCRIPTS / "published.json").read_text())["tables"]
     assert [t["id"] for t in tables] == ["table2", "table3", "table4", "table5", "table6", "table7", "fig4", "fig1",
-                                         "fig5", "fig7", "okddip_cifar"]
+                                         "fig5", "fig7", "cpu_study", "okddip_cifar"]
     for table in tables:
         for row in table["rows"]:
             assert len(row["paper"]) == len(table["columns"]), (table["id"], row["name"])
