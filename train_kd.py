@@ -376,13 +376,15 @@ def parse_args(argv=None):
                    help="kd: table1: alpha CE + (1 - alpha) tau^2 KL (SwitOKD's Table 1); okddip: CE + tau^2 KL "
                         "with 1e-7 added to the teacher's probabilities, the OKDDip release's classic KD "
                         "(no --alpha)")
-    g.add_argument("--tau", type=utils.POSITIVE, default=3.0, help="distillation temperature of every KL term")
+    g.add_argument("--tau", type=utils.POSITIVE,
+                   help="distillation temperature of every KL term (default: 4 under --recipe crd, RepDistiller's "
+                        "--kd_T; else 3)")
     g.add_argument("--beta", type=utils.NON_NEGATIVE,
                    help="fitnet, at, crd: weight of the method's term beside CE (weight 1) (default: the CRD "
                         "benchmark's, fitnet 100, at 1000, crd 0.8)")
     g.add_argument("--kd-weight", type=utils.NON_NEGATIVE, default=0.0,
                    help="fitnet, at, crd: weight of an added tau^2 KL term (the benchmark's alpha; 0: none, "
-                        "1 with --tau 4: its CRD+KD)")
+                        "1 under --recipe crd: its CRD+KD)")
     g = p.method_group("FitNet")
     g.add_argument("--hint-layer", type=utils.POSITIVE_INT, default=2, metavar="K",
                    help="the teacher's stage K is the hint (RepDistiller's hint_layer: 2, the middle group of a WRN)")
@@ -411,6 +413,8 @@ def parse_args(argv=None):
         if args.distill not in methods and getattr(args, flag) != args._defaults[flag]:
             raise utils.UsageError(f"--{flag.replace('_', '-')} applies to --distill {' or '.join(methods)}, "
                                    f"not {args.distill}")
+    if args.tau is None:  # the recipe's default is a default: not named in the run name
+        args.tau = args._defaults["tau"] = 4.0 if args.recipe == "crd" and args.kd_form == "table1" else 3.0
     if args.kd_form == "okddip" and args.alpha != args._defaults["alpha"]:
         raise utils.UsageError("--alpha weighs --kd-form table1; --kd-form okddip weighs CE and KL by 1, "
                                "as the OKDDip release")

@@ -273,7 +273,8 @@ def add_common_flags(p: ArgumentParser) -> None:
                         "(default: the recipe's)")
     g.add_argument("--arch-variant", choices=models.VARIANTS,
                    help="paper: the standard published architectures; official/okddip: those of the "
-                        "released model files (default: the recipe's)")
+                        "released model files; crd: RepDistiller's (option-B ResNet shortcuts) "
+                        "(default: the recipe's)")
     g.add_argument("--script-init", choices=("none", "official"),
                    help="official: re-draw the weights of the networks that a released training script "
                         "re-draws (Tiny-ImageNet: every network; three networks: the MobileNet), and only those "
@@ -395,11 +396,12 @@ OKDDIP_RECIPES = {dataset: {"*": Recipe("sgd", 0.1, 5e-4, (150, 225), 300, neste
 """The OKDDip release (reference/okddip-code-facts.md, Sec. 3): Nesterov SGD, wd 5e-4 on every
 parameter, x0.1 at 150 and 225 of 300 epochs, taking effect one epoch early."""
 
-_CRD = Recipe("sgd", 0.05, 5e-4, (150, 180, 210), 240, batch_size=64, test_batch_size=64)
+_CRD = Recipe("sgd", 0.05, 5e-4, (150, 180, 210), 240, batch_size=64, test_batch_size=64, variant="crd")
 CRD_RECIPES = {dataset: {"mobilenetv2*": dataclasses.replace(_CRD, lr=0.01), "*": _CRD}
                for dataset in ("cifar10", "cifar100")}
 """The CRD benchmark (Tian et al., 2020; RepDistiller): SGD lr 0.05 (0.01 for MobileNetV2
-students), momentum 0.9, wd 5e-4, batch 64, x0.1 at 150/180/210 of 240 epochs."""
+students), momentum 0.9, wd 5e-4, batch 64, x0.1 at 150/180/210 of 240 epochs, RepDistiller's
+networks (``models`` variant ``crd``: option-B ResNet shortcuts)."""
 
 RECIPES = {"paper": PAPER_RECIPES, "official": OFFICIAL_RECIPES, "okddip": OKDDIP_RECIPES, "crd": CRD_RECIPES}
 RECIPE_NAMES = tuple(RECIPES)

@@ -18,7 +18,9 @@ architectures with He initialisation; ``"official"`` builds the architectures an
 initialisations of the model files released with the paper (hfutqian/SwitOKD on
 GitHub); ``"okddip"`` the single networks of the OKDDip release (DefangChen/OKDDip:
 ``resnet32 resnet110 wrn_20_8 vgg16 densenet40_12``, ImageNet ``resnet18 resnet34``;
-models/okddip_backbones.py).  Each module's docstring says which released file it follows.
+models/okddip_backbones.py); ``"crd"`` the networks of the CRD benchmark (RepDistiller's
+``models/``: CIFAR ResNets with 1x1-conv projection shortcuts, WRNs and the CIFAR MobileNetV2
+with their Linear initialisation; the paper's for the networks it does not have).  Each module's docstring says which released file it follows.
 The multi-branch and multi-network models of OKDDip, ONE and CL-ILR are built by
 ``build_okddip`` (models/okddip.py) and listed by ``okddip_names``.
 ``script_init`` is the weight re-draw some released training scripts add on top.
@@ -40,13 +42,13 @@ from .mobilenetv2 import mobilenetv2
 from .resnet_cifar import DEPTHS as CIFAR_RESNET_DEPTHS, resnet_cifar
 from .resnet_imagenet import DEPTHS as IMAGENET_RESNET_DEPTHS, LARGE_IMAGE, resnet_imagenet
 from .script_init import script_init
-from .wrn import wrn, wrn_official
+from .wrn import wrn, wrn_crd, wrn_official
 
 __all__ = ["ROUTE_FILE", "VARIANTS", "BranchOutput", "FeatureExtractor", "NoOfficialArchitecture", "build",
            "build_okddip", "checkpoint_file", "count_parameters", "find_features", "load", "match_stages", "names",
            "okddip_name", "okddip_names", "read_checkpoint", "route_checkpoints", "script_init"]
 
-VARIANTS = ("paper", "official", "okddip")
+VARIANTS = ("paper", "official", "okddip", "crd")
 
 _CANONICAL = (
     [f"resnet{d}" for d in CIFAR_RESNET_DEPTHS]
@@ -84,11 +86,11 @@ def build(name: str, num_classes: int, image_size: int = 32, variant: str = "pap
             raise NoOfficialArchitecture(f"{name!r} has no OKDDip architecture; the OKDDip release has "
                                          f"{', '.join(OKDDIP_BACKBONES)}")
         return build_okddip_backbone(name, num_classes)
-    official = variant == "official"
+    official, crd = variant == "official", variant == "crd"
     if m := re.fullmatch(r"resnet(\d+)", name):
         depth = int(m[1])
         if depth in CIFAR_RESNET_DEPTHS:
-            return resnet_cifar(depth, num_classes, official)
+            return resnet_cifar(depth, num_classes, official, projection=crd)
         if depth in IMAGENET_RESNET_DEPTHS:
             if official and depth == 18 and image_size < LARGE_IMAGE:
                 raise NoOfficialArchitecture(
@@ -96,12 +98,12 @@ def build(name: str, num_classes: int, image_size: int = 32, variant: str = "pap
                     "the release of hfutqian/SwitOKD has no small-input ResNet-18; use variant='paper'")
             return resnet_imagenet(depth, num_classes, image_size, official)
     if m := re.fullmatch(r"wrn_(\d+)_(\d+)", name):
-        return (wrn_official if official else wrn)(int(m[1]), int(m[2]), num_classes)  # validates depth, width
+        return (wrn_official if official else wrn_crd if crd else wrn)(int(m[1]), int(m[2]), num_classes)
     if name == "mobilenet":
         return MobileNet(num_classes)
     if m := re.fullmatch(r"mobilenetv2(?:_(\d+(?:\.\d+)?|\.\d+))?", name):
         width = float(m[1] or 1.0)
         if width <= 0:
             raise ValueError(f"invalid MobileNetV2 width in {name!r}; the width multiplier must be > 0")
-        return mobilenetv2(width, num_classes, image_size, official)
+        return mobilenetv2(width, num_classes, image_size, official or crd)  # RepDistiller's is the release's
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(_CANONICAL)}, {_PATTERNS}")

@@ -33,8 +33,22 @@ when it is below the input's and holds a single convolution (the stride-2 conv-B
 before the max-pool of an ImageNet ResNet, DenseNet or ShuffleNet, MobileNetV3's stem
 conv). ``pre_pool`` ends the last resolution but a conv-free 1x1 (the pooled output): it
 is stageN unless conv-free layers follow the last convolution at a new size (a VGG whose
-last max-pool comes before the global pool). In a pre-activation network (WRN) stages
-1..N-1 are block sums and stageN, like pre_pool, follows the final BN-ReLU.
+last max-pool comes before the global pool).
+
+**The last stage ends at its last block, pre_pool after the head.** A *block* is a module
+call with an output map of the stage's size and at least two convolutions at that size
+inside it (a residual or inverted-residual block, a dense block, a stage's Sequential); a
+container that runs any module after its own last block is not one. stageN is the output
+of the last block at its resolution when at most one convolution at that size follows it,
+so that layers after it that belong to no block (the network's head) are left out, as the
+CRD benchmark's code (RepDistiller's ``models/``) reads the features its FitNet and AT use: a WRN's (pre-activation) last
+stage is its last group's sum, before the final BN-ReLU (RepDistiller's ``f3``; stages
+1..N-1 are group sums too), a DenseNet's its last dense block's output, before the final
+BN-ReLU, a MobileNetV2's its last inverted residual's output, before the 1x1 head
+convolution (``f4``). In post-activation networks (ResNets, MobileNet) the last block's
+output is the last map itself, and where the last convolutions belong to no block (a VGG's
+plain conv-BN-ReLU layers) stageN stays the last map. pre_pool is the map the classifier
+pools: after the head, e.g. a WRN's final BN-ReLU.
 
 **Forward hooks, not FX.** ``torchvision.models.feature_extraction.create_feature_extractor``
 builds a second module (a GraphModule sharing the parameters). The network the optimiser
@@ -165,6 +179,23 @@ def _resolution_ends(calls: list[_Call]) -> dict[tuple[int, int], tuple[Feature,
     return ends
 
 
+def _inside(inner: _Call, outer: _Call) -> bool:
+    return outer.start < inner.start and inner.end < outer.end
+
+
+def _last_block(calls: list[_Call], size: tuple[int, int]) -> _Call | None:
+    """The last block at resolution ``size`` if at most one convolution at that size follows it
+    (see the module docstring), else None."""
+    convs = [c for c in calls if isinstance(c.module, nn.modules.conv._ConvNd) and _size(c.output) == size]
+    blocks = [c for c in calls if _size(c.output) == size and sum(_inside(v, c) for v in convs) >= 2]
+
+    def has_head(c):  # a module runs inside c after c's own last block
+        inner = max((b.end for b in blocks if _inside(b, c)), default=None)
+        return inner is not None and any(inner < x.start and x.end < c.end for x in calls)
+    last = max((c for c in blocks if not has_head(c)), key=lambda c: c.end, default=None)
+    return last if last is not None and sum(v.start > last.end for v in convs) <= 1 else None
+
+
 def find_features(net: nn.Module, image_size: int) -> dict[str, Feature]:
     """``{"stage1": Feature, ..., "pre_pool": ..., "embedding": ...}`` of ``net`` (wrappers
     allowed) for (3, image_size, image_size) inputs, found by one probe forward pass (see the
@@ -185,14 +216,18 @@ def find_features(net: nn.Module, image_size: int) -> dict[str, Feature]:
 
     ends = _resolution_ends(calls)
     sizes = list(ends)
-    features = {}
+    features, last_size = {}, None
     for i, (size, (feature, convs)) in enumerate(ends.items()):
         stem = i == 0 and _area(size) < image_size ** 2 and convs == 1
         if convs and not stem:
-            features[f"stage{len(features) + 1}"] = feature
+            features[f"stage{len(features) + 1}"], last_size = feature, size
     if not features:
         raise ValueError(f"{type(module).__name__} at {image_size} px has no stage: no convolution "
                          "runs below the stem")
+    block = _last_block(calls, last_size)
+    if block is not None:
+        features[f"stage{len(features)}"] = Feature(block.name, block.index, "output",
+                                                    tuple(block.output.shape[1:]))
     pooled = len(sizes) > 1 and sizes[-1] == (1, 1) and not ends[sizes[-1]][1]
     features["pre_pool"] = ends[sizes[-2 if pooled else -1]][0]
     linear = [c for c in calls if isinstance(c.module, nn.Linear) and c.output is logits]

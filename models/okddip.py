@@ -188,8 +188,10 @@ def build_branched(backbone: str, num_classes: int, method: str, branches: int =
     model = BranchedNet(parts, method, method == "clilr" if ilr is None else ilr)
     if method == "ind":  # built, never run (module docstring): frozen, so DDP needs no find_unused_parameters
         model.gate.requires_grad_(False)
-    # vgg_GL.py keeps PyTorch's default Linear biases, vgg_one.py zeroes them (facts Sec. 1.1)
-    return init_weights(model, family(backbone), zero_linear_bias=method != "okddip")
+    # vgg_GL.py keeps PyTorch's default Linear biases, vgg_one.py zeroes them; densenet_GL.py zeroes
+    # them like every DenseNet file (docs/OKDDIP.md, "Initialisation")
+    kind = family(backbone)
+    return init_weights(model, kind, zero_linear_bias=not (method == "okddip" and kind == "vgg"))
 
 
 def build_network_based(backbone: str, num_classes: int, branches: int = 4) -> NetworkOKDDip:

@@ -7,6 +7,10 @@ classifier.  Shortcuts are the parameter-free "option A": when the shape changes
 the input is subsampled with stride 2 and zero-padded along the channel axis.
 
 ``variant="paper"``: convolutions use He (Kaiming normal, fan_out) initialisation.
+``variant="crd"``: the ResNets of the CRD benchmark (RepDistiller's ``models/resnet.py``),
+the same but for the shortcut of a block that changes the shape: a 1x1 convolution with
+that stride and a BatchNorm (He et al.'s "option B"), 2,752 parameters more than option A
+for every depth (e.g. ResNet-20 for 100 classes: 278,324 against 275,572).
 ``variant="official"``: the released ``resnet20.py`` of hfutqian/SwitOKD (CIFAR-10 and
 Tiny-ImageNet scripts; it defines ResNet-20/32/44/56/110 and has this same
 architecture) initialises Conv AND Linear weights He normal with fan_in
@@ -19,15 +23,20 @@ DEPTHS = (20, 32, 44, 56, 110)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, projection: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.stride, self.pad = stride, cout - cin
+        self.projection = None
+        if projection and (stride > 1 or cin != cout):
+            self.projection = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def shortcut(self, x):
+        if self.projection is not None:  # option B
+            return self.projection(x)
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.pad:  # zero channel padding, split evenly on both sides
@@ -41,14 +50,14 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, official: bool = False):
+    def __init__(self, depth: int, num_classes: int, official: bool = False, projection: bool = False):
         super().__init__()
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         layers, cin = [], 16
         for i, cout in enumerate((16, 32, 64)):
             for j in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, projection))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -63,5 +72,6 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
 
 
-def resnet_cifar(depth: int, num_classes: int, official: bool = False) -> CifarResNet:
-    return CifarResNet(depth, num_classes, official)
+def resnet_cifar(depth: int, num_classes: int, official: bool = False, projection: bool = False) -> CifarResNet:
+    """``projection``: option-B shortcuts (the ``crd`` variant); ``official``: the released init."""
+    return CifarResNet(depth, num_classes, official, projection)

@@ -128,15 +128,17 @@ def wrn(depth: int, width: int, num_classes: int, dropout: float = 0.0) -> WideR
     return WideResNet(depth, width, num_classes, dropout)
 
 
-def wrn_official(depth: int, width: int, num_classes: int) -> nn.Module:
-    """The released networks: ``wrnet.py`` for depth 16, ``wrn-40-2.py`` otherwise.
-
-    ``wrn-40-2.py`` is ``WideResNet``'s architecture and conv initialisation
-    (normal with std sqrt(2 / (k * k * out_channels)) = He fan_out) and also zeroes
-    the Linear bias.
-    """
-    if depth == 16:
-        return ReleasedWideResNet(depth, width, num_classes)
+def wrn_crd(depth: int, width: int, num_classes: int) -> WideResNet:
+    """RepDistiller's ``models/wrn.py`` (the CRD benchmark; the release's ``wrn-40-2.py`` is that
+    file): ``WideResNet``'s architecture and conv initialisation (normal with std
+    sqrt(2 / (k * k * out_channels)) = He fan_out) with the Linear bias zeroed."""
     model = WideResNet(depth, width, num_classes)
     nn.init.zeros_(model.fc.bias)
     return model
+
+
+def wrn_official(depth: int, width: int, num_classes: int) -> nn.Module:
+    """The released networks: ``wrnet.py`` for depth 16, ``wrn-40-2.py`` (:func:`wrn_crd`) otherwise."""
+    if depth == 16:
+        return ReleasedWideResNet(depth, width, num_classes)
+    return wrn_crd(depth, width, num_classes)

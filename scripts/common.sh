@@ -147,6 +147,18 @@ table6_runs() {
   run "$seed" "$pair" train_switokd.py --dataset imagenet --student "$student" --teacher "$teacher"
 }
 
+# extra_flag FLAG: the value of FLAG among the training flags after `--` (the last one given), or nothing.
+extra_flag() {
+  local i value=""
+  for ((i = 0; i < ${#EXTRA[@]}; i++)); do
+    case "${EXTRA[i]}" in
+      "$1"=*) value="${EXTRA[i]#"$1"=}" ;;
+      "$1") value="${EXTRA[i + 1]:-}" ;;
+    esac
+  done
+  echo "$value"
+}
+
 # barrier: the runs after it start when every run before it has ended.
 barrier() { echo barrier >>"$PLAN"; }
 

@@ -4,7 +4,9 @@
 # checkpoints at equal epoch intervals, RCO's anchors), the Vanilla WRN-16-2 student and
 # SwitOKD first; then KD, FitNet, AT, CRD and RCO (train_kd.py --distill ...) from that
 # teacher. All under the paper's recipe (Sec. 3.1); `-- --recipe crd` runs everything under
-# the CRD benchmark's instead. Options: --help.
+# the CRD benchmark's instead, and then, as RepDistiller (its ckpt_epoch_240.pth), the methods
+# distil from the teacher's last epoch (last.pt), not its best (best_teacher.pt; RCO reads the
+# route either way). Options: --help.
 DEFAULT_SEEDS="0 1 2"
 source "$(dirname "$0")/common.sh"
 setup "$@"
@@ -16,10 +18,15 @@ for seed in $SEEDS; do
   run "$seed" cifar100-wrn_16_2-wrn_40_2 train_switokd.py --dataset cifar100 --student wrn_16_2 --teacher wrn_40_2
 done
 barrier  # the offline methods need their pretrained teacher
+weights=""
+[[ "$(extra_flag --recipe)" == crd ]] && weights=/last.pt
 for seed in $SEEDS; do
+  teacher="$(rundir vanilla "cifar100-wrn_40_2-seed$seed")"
   for method in kd fitnet at crd rco; do
+    ckpt="$teacher"
+    [[ "$method" == rco ]] || ckpt+="$weights"
     run "$seed" cifar100-wrn_16_2-wrn_40_2 train_kd.py --distill "$method" --dataset cifar100 --student wrn_16_2 \
-      --teacher-ckpt "$(rundir vanilla "cifar100-wrn_40_2-seed$seed")"
+      --teacher-ckpt "$ckpt"
   done
 done
 launch

@@ -34,13 +34,16 @@ STAGES = {
     ("wrn_16_10", 32): pyramid((160, 320, 640), 32),
     ("wrn_40_2", 32): pyramid(WRN_16_2, 32),
     ("mobilenet", 32): pyramid((64, 128, 256, 512, 1024), 32),
-    ("mobilenetv2", 32): pyramid((24, 32, 96, 1280), 16),
-    ("mobilenetv2_0.5", 32): pyramid((12, 16, 48, 1280), 16),
-    ("mobilenetv2_1.4", 32): pyramid((33, 44, 134, 1792), 16),
-    ("mobilenetv2_1.4", 64): pyramid((24, 32, 48, 136, 1792), 32),   # the released torchvision-style layout
-    ("mobilenetv2", 224): pyramid((16, 24, 32, 96, 1280), 112),       # torchvision's
-    ("mobilenetv2_0.5", 224): pyramid((8, 16, 16, 48, 1280), 112),
+    ("mobilenetv2", 32): pyramid((24, 32, 96, 320), 16),     # the last: the last block's, before the 1x1 head
+    ("mobilenetv2_0.5", 32): pyramid((12, 16, 48, 160), 16),
+    ("mobilenetv2_1.4", 32): pyramid((33, 44, 134, 448), 16),
+    ("mobilenetv2_1.4", 64): pyramid((24, 32, 48, 136, 448), 32),   # the released torchvision-style layout
+    ("mobilenetv2", 224): pyramid((16, 24, 32, 96, 320), 112),       # torchvision's
+    ("mobilenetv2_0.5", 224): pyramid((8, 16, 16, 48, 160), 112),
 }
+HEAD = {"mobilenetv2": 1280, "mobilenetv2_0.5": 1280, "mobilenetv2_1.4": 1792}
+"""Channels of pre_pool where a head convolution follows the last stage (elsewhere pre_pool has the last
+stage's shape: the map itself, or the same map after a final BN-ReLU)."""
 
 
 def stage_shapes(features):
@@ -65,7 +68,8 @@ def test_stage_table(name, size):
     model = models.build(name, 100, size)
     features = find_features(model, size)
     assert stage_shapes(features) == STAGES[name, size]
-    assert features["pre_pool"] == features[f"stage{len(STAGES[name, size])}"]
+    last = STAGES[name, size][-1]
+    assert features["pre_pool"].shape == (HEAD.get(name, last[0]), *last[1:])
     assert features["embedding"].shape == (final_linear(model, features).in_features,)
     assert final_linear(model, features).out_features == 100
 
@@ -105,16 +109,19 @@ def _resnet_stages(model, x):
     return out
 
 
-# Each stage by hand, from the architecture: block outputs / the final map before pooling
+# Each stage by hand, from the architecture: the last block of each resolution; then the map the
+# classifier pools (pre_pool), with the stages' last entry when no head follows the last block
 BY_HAND = {
     ("resnet20", 32): lambda m, x: [m.layers[:end](m.stem(x)) for end in (3, 6, 9)],
-    ("wrn_16_2", 32): _sequential_stages(lambda m: m.features, (3, 5, 9)),   # 3rd: after BN-ReLU
+    ("wrn_16_2", 32): _sequential_stages(lambda m: m.features, (3, 5, 7, 9)),   # group sums; BN-ReLU
+    ("wrn_40_2", 32): _sequential_stages(lambda m: m.features, (7, 13, 19, 21)),
     ("mobilenet", 32): _sequential_stages(lambda m: m.features, (3, 7, 11, 23, 27)),
-    ("mobilenetv2_0.5", 32): _sequential_stages(lambda m: m.features, (6, 9, 16, 23)),
-    ("mobilenetv2_0.5", 224): _sequential_stages(lambda m: m.features, (2, 4, 7, 14, 19)),
+    ("mobilenetv2_0.5", 32): _sequential_stages(lambda m: m.features, (6, 9, 16, 20, 23)),   # 1x1 head conv
+    ("mobilenetv2_0.5", 224): _sequential_stages(lambda m: m.features, (2, 4, 7, 14, 18, 19)),
     ("resnet18", 32): _resnet_stages,
     ("resnet18", 224): _resnet_stages,
 }
+WITH_HEAD = {("wrn_16_2", 32), ("wrn_40_2", 32), ("mobilenetv2_0.5", 32), ("mobilenetv2_0.5", 224)}
 
 
 @pytest.mark.parametrize("name,size", list(BY_HAND))
@@ -126,11 +133,12 @@ def test_stages_are_the_block_outputs(name, size):
     with torch.no_grad():
         logits, feats = extractor(x)
         expected = BY_HAND[name, size](model, x)
-        embedding = F.adaptive_avg_pool2d(expected[-1], 1).flatten(1)
-    assert len(expected) == len([k for k in feats if k.startswith("stage")])
-    for k, stage in enumerate(expected, 1):
+        stages, pre_pool = (expected[:-1], expected[-1]) if (name, size) in WITH_HEAD else (expected, expected[-1])
+        embedding = F.adaptive_avg_pool2d(pre_pool, 1).flatten(1)
+    assert len(stages) == len([k for k in feats if k.startswith("stage")])
+    for k, stage in enumerate(stages, 1):
         torch.testing.assert_close(feats[f"stage{k}"], stage)
-    torch.testing.assert_close(feats["pre_pool"], expected[-1])
+    torch.testing.assert_close(feats["pre_pool"], pre_pool)
     torch.testing.assert_close(feats["embedding"], embedding)
 
 
@@ -284,7 +292,7 @@ OTHER_CNNS = {   # name: (builder, image size, stage shapes, pre_pool shape)
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 64,
                  pyramid((256, 512, 1024, 2048), 16), (2048, 2, 2)),
     "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), 224,   # SE branches
-                           pyramid((16, 24, 48, 576), 56), (576, 7, 7)),
+                           pyramid((16, 24, 48, 96), 56), (576, 7, 7)),           # 1x1 head conv
     "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), 64,
                     pyramid((256, 512, 1024, 1024), 16), (1024, 2, 2)),
     "vgg11_bn_cifar": (lambda: _vgg([64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]), 32,

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import models
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,7 +147,22 @@ def test_bad_variant_raises(variant):
         models.build("wrn_16_2", 100, variant=variant)
     msg = str(err.value)
     assert repr(variant) in msg and "paper" in msg and "official" in msg and "\n" not in msg
-    assert models.VARIANTS == ("paper", "official", "okddip")
+    assert models.VARIANTS == ("paper", "official", "okddip", "crd")
+
+
+@pytest.mark.parametrize("depth,paper", [(20, 275_572), (32, 470_004), (56, 858_868), (110, 1_733_812)])
+def test_crd_variant_is_repdistillers_resnet(depth, paper):
+    """Option A (He et al.) by default; RepDistiller's 1x1-conv + BN projection under variant crd."""
+    option_a, option_b = (models.build(f"resnet{depth}", 100, variant=v) for v in ("paper", "crd"))
+    assert models.count_parameters(option_a) == paper
+    assert models.count_parameters(option_b) == paper + (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)  # 2,752
+    projections = [b.projection for b in option_b.layers if b.projection is not None]
+    assert len(projections) == 2 and [p[0].stride for p in projections] == [(2, 2), (2, 2)]
+    x = torch.randn(2, 3, 32, 32)
+    assert option_b.eval()(x).shape == (2, 100)
+    wrn = models.build("wrn_40_2", 100, variant="crd")  # RepDistiller's wrn.py zeroes the Linear bias
+    assert wrn.fc.bias.abs().sum() == 0 and models.count_parameters(wrn) == 2_255_156
+    assert utils.recipe_for("crd", "cifar100", "student", "resnet20").variant == "crd"  # --recipe crd selects it
 
 
 def test_script_init_statistics():

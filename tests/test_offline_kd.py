@@ -153,6 +153,48 @@ PAPER_PAIRS = [
 ]
 
 
+def wrn_group_outputs(net, x, blocks_per_group):
+    """A WRN's three group outputs by hand: the stem conv, then the sum each group's last block returns
+    (what RepDistiller's ``wrn.py`` returns as f1, f2, f3), not the final BN-ReLU map."""
+    layers = list(net.features)
+    h, out = layers[0](x), []
+    for group in range(3):
+        for block in layers[1 + group * blocks_per_group: 1 + (group + 1) * blocks_per_group]:
+            h = block(h)
+        out.append(h)
+    return out
+
+
+def test_at_on_wrn_40_2_to_wrn_16_2_is_repdistillers(monkeypatch):
+    """Table 5's pair: the three AT terms equal RepDistiller's ``Attention`` on the group outputs."""
+    torch.manual_seed(0)
+    teacher, student = models.build("wrn_40_2", 100).eval(), models.build("wrn_16_2", 100).train()
+    monkeypatch.setattr(train_kd, "load_teacher", lambda path, data: teacher)
+    args = train_kd.parse_args(["--teacher-ckpt", "x", "--distill", "at"])
+    loaded = {}
+    assert train_kd.setup_features(args, SimpleNamespace(image_size=32), {"student": student}, loaded) == {}
+    objective, beta = train_kd.make_objective(args, None, loaded)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    with torch.no_grad():
+        z_t, f_t = models.FeatureExtractor(teacher, 32, loaded["teacher_features"])(x)
+        hand_t = wrn_group_outputs(teacher, x, 6)
+    z_s, f_s = models.FeatureExtractor(student, 32, loaded["student_features"])(x)
+    loss, values = objective(z_s, z_t, f_s, f_t, y)
+    hand_s = wrn_group_outputs(student, x, 2)  # training mode: batch statistics, as in that forward
+
+    def at(f):  # RepDistiller's distiller_zoo/AT.py
+        return F.normalize(f.pow(2).mean(1).view(f.size(0), -1))
+    terms = [(at(s) - at(t)).pow(2).mean() for s, t in zip(hand_s, hand_t)]
+    assert loaded["pairs"] == [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")] and beta == 1000
+    for k, term in enumerate(terms, 1):
+        torch.testing.assert_close(attention_loss(f_s[f"stage{k}"], f_t[f"stage{k}"]), term)
+    torch.testing.assert_close(values["at_loss"], sum(terms))
+    torch.testing.assert_close(loss, F.cross_entropy(z_s, y) + 1000 * sum(terms))
+    final = [m for m in teacher.features if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    post_activation = (at(F.relu(student.features[7](hand_s[2]))) - at(F.relu(final(hand_t[2])))).pow(2).mean()
+    assert not torch.isclose(post_activation, terms[2], rtol=0.05)  # the map after the final BN-ReLU differs
+
+
 @pytest.fixture(scope="module")
 def zoo():
     """Networks built once (the 224 px ImageNet ones take a while on a CPU)."""

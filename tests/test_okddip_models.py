@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 from models.okddip import (BACKBONES, METHODS, BranchOutput, ScaleGradient, build_branched, build_network_based,
                            build_okddip, build_okddip_backbone, okddip_names)
 
@@ -236,6 +237,9 @@ def test_initialisation_follows_the_release():
     assert vgg_one.trunk[0].bias.abs().sum() == 0
     dense = build_branched("densenet40_12", 100, "one")
     assert dense.branches[0].classifier.bias.abs().sum() == 0 and dense.gate[2].bias.abs().sum() == 0
+    for name in ("okddip:densenet40_12", "okddip:densenet40_12-shared"):  # densenet_GL.py zeroes them too
+        linears = [m for m in models.build(name, 100).modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) >= 6 and all(m.bias is None or m.bias.abs().sum() == 0 for m in linears), name
     # conv std: Kaiming with ReLU gain, fan_out for ResNet, fan_in for DenseNet
     conv = build_okddip_backbone("resnet32", 100).branch.body[0][0].body[0]  # 3x3, 32 -> 64
     assert conv.weight.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
