@@ -9,8 +9,8 @@ Each training script writes its own losses from these; none of them trains anyth
   :func:`adaptive_threshold` (Eqn. 13), :func:`switching_statistics`, :func:`expert_mode`
   (Algorithm 1, line 5, under the two rules of :data:`SWITCH_RULES`) and
   :func:`switching_decision`, which puts them together.
-* The OKDDip release's shared pieces (Chen et al., AAAI 2020; docs/OKDDIP.md, cited as "facts Sec. x"
-  from shared/reference/okddip-code-facts.md), used by ``train_okddip.py``, ``train_one.py`` and
+* The OKDDip release's shared pieces (Chen et al., AAAI 2020; cited as "R x" of docs/OKDDIP.md's
+  last section, which gives the release's files and lines), used by ``train_okddip.py``, ``train_one.py`` and
   ``train_dml.py``: :func:`okddip_kl` (its ``utils.KL_Loss``), :func:`consistency_weight` (its
   ramp-up) and :func:`release_diversity` / :class:`DiversityMeter` (its ``dist``).
 """
@@ -42,7 +42,7 @@ def kl_loss(target_logits, logits, tau=1.0, detach=True):
 
 
 def okddip_kl(target_logits, logits, tau=3.0):
-    """The OKDDip release's distillation term ``utils.KL_Loss`` (facts Sec. 0, 6.4), used by every method there.
+    """The OKDDip release's distillation term ``utils.KL_Loss`` (R0), used by every method there.
 
     ``T^2 (1/B) sum_b sum_c p_bc (log p_bc - log softmax(s_b / T)_c)`` with ``p = softmax(t / T) + 1e-7``:
     forward KL(teacher || student), "batchmean", T^2 inside the term, 1e-7 added to every teacher
@@ -55,7 +55,7 @@ def okddip_kl(target_logits, logits, tau=3.0):
 
 
 def consistency_weight(epoch, length=80):
-    """The ramp-up w(e) = exp(-5 (1 - clip(e, 0, L) / L)^2) of the OKDDip release (facts Sec. 0, 6.5).
+    """The ramp-up w(e) = exp(-5 (1 - clip(e, 0, L) / L)^2) of the OKDDip release (R0).
 
     ``epoch`` is the 0-based epoch index: the release evaluates w once per epoch, so w(0) = 0.0067,
     w(40) = 0.2865, w(e >= L) = 1 (ONE's code, after Laine & Aila). ``length`` L = 0 gives 1 (no ramp).
@@ -68,7 +68,7 @@ def consistency_weight(epoch, length=80):
 
 
 def release_diversity(logits):
-    """The release's peer diversity ``dist`` of each image (facts Sec. 3.1, 6.19), shape (B,).
+    """The release's peer diversity ``dist`` of each image (R3.1), shape (B,).
 
     ``logits`` (m, B, C), branch k = ``logits[k]``; with ``p_k = softmax(z_k)`` (T = 1):
     ``(1/3) sum_{0 <= j < k <= m-2} ||p_j - p_k||_2``. Reproduced with its quirks: the pairs run over

@@ -16,6 +16,7 @@ In Python: ``models.load(path)`` gives one network, ready to use.
 import utils  # first: Ctrl-C during the slow imports then ends quietly
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -46,15 +47,34 @@ def reported_metric(arch: str, branches: dict) -> dict:
 
 
 def recorded_args(path: Path) -> dict:
-    """The flags a run directory was trained with (results.json, else args.json); {} for a file."""
+    """The flags a run directory (or the one holding a checkpoint file) was trained with: its
+    results.json, else its args.json; {} when it has neither. A file that exists but cannot be
+    read is an error: evaluating on other data than the run's would go unnoticed."""
     run_dir = path if path.is_dir() else path.parent
     for name in ("results.json", "args.json"):
-        try:
-            record = json.loads((run_dir / name).read_text())
-            return record.get("args", record) if isinstance(record, dict) else {}
-        except (OSError, ValueError):
+        file = run_dir / name
+        if not file.exists():
             continue
+        try:
+            record = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise utils.UsageError(f"cannot read {file} ({type(e).__name__}): it says on which data the run was "
+                                   "tested; repair it, or pass --dataset and --test-subset") from None
+        if not isinstance(record, dict):
+            raise utils.UsageError(f"{file} is not a run record (a JSON object)")
+        return record.get("args", record) if name == "results.json" else record
     return {}
+
+
+def unique_names(entries: list[tuple[Path, str, Path, str | None]]) -> list[str]:
+    """A name per network: its role, prefixed by its run directory when several paths are given
+    (``runA:student``), numbered when that is still ambiguous."""
+    several = len({path for path, *_ in entries}) > 1
+    names = []
+    for path, name, file, _ in entries:
+        label = f"{(path if path.is_dir() else file.parent).name}:{name}" if several else name
+        names.append(label if label not in names else f"{label}#{names.count(label) + 1}")
+    return names
 
 
 def parse_args(argv=None):
@@ -79,10 +99,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    entries = [(name, file, role, recorded_args(path)) for path in args.paths
-               for name, file, role in networks_of(path, args.weights)]
-    if not entries:
+    found = [(path, name, file, role) for path in args.paths for name, file, role in networks_of(path, args.weights)]
+    if not found:
         raise utils.UsageError("no networks found in " + ", ".join(map(str, args.paths)))
+    entries = [(name, file, role, recorded_args(path)) for name, (path, _, file, role)
+               in zip(unique_names(found), found)]
     infos = []
     for name, file, role, _ in entries:
         try:
@@ -90,9 +111,14 @@ def main(argv=None):
         except ValueError as e:
             raise utils.UsageError(str(e)) from None
     recorded = entries[0][3]
-    dataset = args.dataset or infos[0]["dataset"] or recorded.get("dataset")
+    own = infos[0]["dataset"] or recorded.get("dataset")
+    dataset = args.dataset or own
     if dataset is None:
         raise utils.UsageError("the checkpoint does not say its dataset; pass --dataset")
+    others = sorted({info["dataset"] or r.get("dataset") for info, (*_, r) in zip(infos, entries)} - {dataset, None})
+    if others:
+        print(f"evaluate.py: warning: evaluating on {dataset} networks trained on {', '.join(others)}",
+              file=sys.stderr, flush=True)
     root = args.data_root or recorded.get("data_root") or "./data"
     subset = args.test_subset or (recorded.get("test_subset") if not args.dataset or args.dataset == dataset else None)
     device = utils.choose_device(args.device)

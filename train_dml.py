@@ -20,7 +20,7 @@ learning mode, which the paper calls equivalent to DML). ``--sequential`` follow
 Algorithm 1: the networks are updated in turn, and after each update that network's
 predictions on the mini-batch are recomputed, so the next network learns from them.
 
-DML as the OKDDip release runs it (its ``train_DML.py``, docs/OKDDIP.md; facts Sec. 2.5), a
+DML as the OKDDip release runs it (its ``train_DML.py``, docs/OKDDIP.md; R2.5), a
 baseline of the OKDDip tables: four networks, T = 3, each distilling from the MEAN of the other
 networks' logits, targets not detached, the release's KL (+1e-7 on the target)::
 
@@ -47,7 +47,7 @@ def mutual_learning_loss(logits, peer_logits, targets, tau=1.0, peer_target="pai
     """L_k = CE(y, p_k^1) + mean over peers l of tau^2 KL(p_l^tau || p_k^tau) (DML Eqns. 4-5 and Sec. 3.2).
 
     ``peer_logits`` is a list of the other networks' logits. ``peer_target="mean-logits"``: one KL
-    term, tau^2 KL(softmax(mean_l z_l / tau) || p_k^tau), the OKDDip release's DML (facts Sec. 2.5).
+    term, tau^2 KL(softmax(mean_l z_l / tau) || p_k^tau), the OKDDip release's DML (R2.5).
     ``detach=False`` lets the gradient flow into the peers (the OKDDip release); ``kl="okddip"`` is
     that release's KL, 1e-7 added to the target probabilities (``distill.okddip_kl``).
     Returns (total, CE, KL term).

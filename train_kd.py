@@ -39,6 +39,7 @@ run directory and reads its route (``models.route_checkpoints``).
 import utils  # first: Ctrl-C during the slow imports then ends quietly
 
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,7 @@ def kd_loss(student_logits, teacher_logits, targets, alpha=0.1, tau=3.0):
 def okddip_kd_loss(student_logits, teacher_logits, targets, tau=3.0):
     """L = CE(y, p_s^1) + tau^2 KL(p_t^tau + 1e-7 || p_s^tau): the OKDDip release's classic KD.
 
-    Its ``train_kd.py:86-93`` (reference/okddip-code-facts.md Sec. 2.5): CE weight 1, the soft
+    Its ``train_kd.py:86-93`` (docs/OKDDIP.md R2.5): CE weight 1, the soft
     term weight alpha = 1, T = 3, no ramp-up, the release's KL (``distill.okddip_kl``; the
     teacher is frozen, so nothing flows back into it). Returns (total, CE term, KL term).
     """
@@ -281,6 +282,9 @@ def load_teacher(path, data, device="cpu", memory_format=torch.contiguous_format
         info = models.read_checkpoint(path)
         if info["dataset"] is not None and info["dataset"] != data.name:
             raise ValueError(f"{info['file']} was trained on {info['dataset']}, not {data.name}")
+        if ":" in info["arch"] and not info["arch"].startswith("baseline:"):
+            raise ValueError(f"{info['file']} holds a multi-branch network ({info['arch']}), not one teacher; "
+                             "distil from a single network (train_vanilla.py)")
         teacher = models.load(path, num_classes=data.num_classes, image_size=data.image_size, device=device)
     except ValueError as e:
         raise utils.UsageError(f"--teacher-ckpt: {e}") from None
@@ -534,8 +538,19 @@ def summary(args, run, loaded, beta, teacher_info):
     return {args.distill: method, "teacher": teacher_info}
 
 
+def teacher_label(path) -> str:
+    """The teacher in a default run name: its run folder (``<run>.<file>`` for a file other than a best_*.pt)."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        return path.name
+    return path.parent.name if path.stem.startswith("best_") else f"{path.parent.name}.{path.stem}"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    # the default name says which teacher: KD from another teacher is another run, not a refused resume
+    args.run_name = args.run_name or utils.default_run_name(
+        args, {"student": args.student, "teacher": teacher_label(args.teacher_ckpt)})
     route = route_anchors(args.teacher_ckpt, args.anchors) if args.distill == "rco" else None
     loaded = {}
     run = utils.Run(args, args.distill, {"student": args.student},

@@ -201,6 +201,8 @@ def parse_args(argv=None):
             args._defaults[key] = value
     if args.pair_epsilon == "other-pair" and pairs != 2:
         p.error(f"--pair-epsilon other-pair needs exactly two teacher-student pairs, not {pairs}")
+    if args.no_switching and args.fixed_delta is not None:
+        p.error("--no-switching (always learning mode) and --fixed-delta (a fixed threshold) exclude each other")
     return args
 
 

@@ -2,7 +2,7 @@
 
 One model of m = 4 branches on a shared trunk (or, ``--network-based``, m independent networks):
 branches 0..m-2 are auxiliary peers, branch m-1 is the group leader, the network deployed.
-Two-level distillation (docs/OKDDIP.md; the release's ``train_GL.py``, facts Sec. 2.1)::
+Two-level distillation (docs/OKDDIP.md; the release's ``train_GL.py``, R2.1)::
 
     L = sum_i CE(z_i, y) + CE(z_L, y) + alpha w(e) [ sum_i KL_T(x_i || z_i) + KL_T(x_L || z_L) ]
     x_i = sum_j A_ij z_j   (peer i's attention over the peers 0..m-2, self included)
@@ -32,7 +32,7 @@ from distill import DiversityMeter, consistency_weight, okddip_kl
 # --------------------------------------------------------------------------- the method
 
 def peer_targets(peer_logits, attention):
-    """x_i = sum_j A_ij z_j: each peer's target logits, the attention-weighted peers' logits (facts Sec. 1.5).
+    """x_i = sum_j A_ij z_j: each peer's target logits, the attention-weighted peers' logits (R1.5).
 
     ``peer_logits`` (m-1, B, C), ``attention`` (B, m-1, m-1) with rows on the simplex; returns (m-1, B, C).
     Logits are mixed, not probabilities (the release; the paper mixes softened probabilities).
@@ -41,12 +41,12 @@ def peer_targets(peer_logits, attention):
 
 
 def leader_target(peer_logits):
-    """x_L = (1/(m-1)) sum_i z_i: the leader's target logits, the mean of the peers' logits (facts Sec. 2.1)."""
+    """x_L = (1/(m-1)) sum_i z_i: the leader's target logits, the mean of the peers' logits (R2.1)."""
     return peer_logits.mean(0)
 
 
 def okddip_loss(logits, attention, targets, weight, alpha=1.0, tau=3.0, detach=False):
-    """The release's OKDDip loss (facts Sec. 2.1; ``train_GL.py:96-104``)::
+    """The release's OKDDip loss (R2.1; ``train_GL.py:96-104``)::
 
         sum_{i<m-1} CE(z_i, y) + CE(z_L, y) + alpha w [ sum_{i<m-1} KL_T(x_i || z_i) + KL_T(x_L || z_L) ]
 
@@ -66,7 +66,7 @@ def okddip_loss(logits, attention, targets, weight, alpha=1.0, tau=3.0, detach=F
 
 def train_step(model, optimizer, images, targets, epoch, cfg, precision):
     """One iteration of (1-based) ``epoch``: one forward pass of the whole model, one backward of the
-    summed loss, one step. The ramp w(e) takes the 0-based epoch, constant within it (facts Sec. 0)."""
+    summed loss, one step. The ramp w(e) takes the 0-based epoch, constant within it (docs/OKDDIP.md R0)."""
     weight = consistency_weight(epoch - 1, cfg.ramp_length)
     with precision.autocast():
         out = model(images)
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p = utils.ArgumentParser(__doc__.splitlines()[0])
     p.network_argument("--network-based", action="store_true",
                        help="m independent networks instead of branches on a shared trunk (the release's "
-                            "--MulStu, facts Sec. 1.7)")
+                            "--MulStu, docs/OKDDIP.md R1.7)")
     utils.add_branch_flags(p, "OKDDip", "m: m-1 auxiliary peers + 1 group leader",
                            "detach x_i and x_L (the attention's W_Q, W_K then never learn; default: live targets, "
                            "as the release)")

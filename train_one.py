@@ -1,6 +1,6 @@
 """ONE, CL-ILR and individual branches, as the OKDDip release runs them (its ``train_one.py``).
 
-One model of m = 4 equal branches on a shared trunk, trained by one of (docs/OKDDIP.md; facts Sec. 2.2-2.4)::
+One model of m = 4 equal branches on a shared trunk, trained by one of (docs/OKDDIP.md; R2.2-2.4)::
 
     one   (Lan et al., NeurIPS 2018):  sum_k CE(z_k, y) + CE(z_e, y) + alpha w(e) sum_k KL_T(z_e || z_k)
           z_e = sum_k g_k z_k, g = the gate's per-sample softmax over the branches
@@ -41,7 +41,7 @@ def gated_ensemble(logits, gate):
 
 
 def one_loss(logits, gate, targets, weight, alpha=1.0, tau=3.0, detach=False):
-    """ONE as the OKDDip release trains it (facts Sec. 2.2; ``train_one.py:110-113``)::
+    """ONE as the OKDDip release trains it (R2.2; ``train_one.py:110-113``)::
 
         sum_k CE(z_k, y) + CE(z_e, y) + alpha w sum_k KL_T(z_e || z_k)
 
@@ -57,14 +57,14 @@ def one_loss(logits, gate, targets, weight, alpha=1.0, tau=3.0, detach=False):
 
 
 def peer_mean_targets(logits):
-    """CL-ILR's targets x_k = (1/(m-1)) sum_{j != k} z_j, the other branches' mean LOGITS (facts Sec. 1.6).
+    """CL-ILR's targets x_k = (1/(m-1)) sum_{j != k} z_j, the other branches' mean LOGITS (R1.6).
 
     ``logits`` (m, B, C); returns (m, B, C)."""
     return torch.stack([torch.cat([logits[:k], logits[k + 1:]]).mean(0) for k in range(len(logits))])
 
 
 def clilr_loss(logits, targets, weight, alpha=1.0, tau=3.0, detach=False):
-    """CL(-ILR) as the OKDDip release trains it (facts Sec. 2.3; ``train_one.py:105-108``)::
+    """CL(-ILR) as the OKDDip release trains it (R2.3; ``train_one.py:105-108``)::
 
         sum_k [ CE(z_k, y) + alpha w KL_T(x_k || z_k) ]
 
@@ -82,14 +82,14 @@ def clilr_loss(logits, targets, weight, alpha=1.0, tau=3.0, detach=False):
 
 
 def ind_loss(logits, targets):
-    """Individual branches (facts Sec. 2.4): sum_k CE(z_k, y), no distillation. Returns (total, CE sum)."""
+    """Individual branches (R2.4): sum_k CE(z_k, y), no distillation. Returns (total, CE sum)."""
     ce = sum(F.cross_entropy(z, targets) for z in logits)
     return ce, ce
 
 
 def train_step(model, optimizer, images, targets, epoch, cfg, precision):
     """One iteration of ``cfg.method`` in (1-based) ``epoch``: one forward pass of the whole model, one
-    backward, one step. The ramp w(e) takes the 0-based epoch, constant within it (facts Sec. 0)."""
+    backward, one step. The ramp w(e) takes the 0-based epoch, constant within it (docs/OKDDIP.md R0)."""
     weight = consistency_weight(epoch - 1, cfg.ramp_length)
     with precision.autocast():
         out = model(images)

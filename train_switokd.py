@@ -114,7 +114,10 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=utils.NON_NEGATIVE, default=1.0, help="weight of the student's KL term (Eqns. 5, 8)")
     g.add_argument("--beta", type=utils.NON_NEGATIVE, default=1.0, help="weight of the teacher's KL term (Eqn. 6)")
     utils.add_common_flags(p)
-    return utils.parse_args(p, argv)
+    args = utils.parse_args(p, argv)
+    if args.no_switching and args.fixed_delta is not None:
+        p.error("--no-switching (Table 2 case A) and --fixed-delta (case B) exclude each other")
+    return args
 
 
 # --------------------------------------------------------------------------- training

@@ -37,7 +37,7 @@ def route_epochs(epochs, keep_epochs=None, keep_route=None):
     K = 4 of 240 epochs: 60 120 180 240 (RCO's equal epoch interval strategy, Jin et al., 2019).
     An epoch beyond ``epochs`` raises UsageError.
     """
-    if keep_route is not None:
+    if keep_route is not None:  # more checkpoints than epochs: every epoch (a smoke run of Table 5's script)
         return sorted({i * epochs // keep_route for i in range(1, keep_route + 1)} - {0})
     kept = sorted(set(keep_epochs or ()))
     beyond = [e for e in kept if e > epochs]
@@ -57,7 +57,7 @@ def parse_args(argv=None):
                        help="keep the network after these epochs as route_epoch<k>.pt (RCO's anchors)")
     route.add_argument("--keep-route", type=utils.POSITIVE_INT, metavar="K",
                        help="keep K checkpoints at equal epoch intervals, the last after the final epoch "
-                            "(route_epoch<k>.pt; RCO's anchors)")
+                            "(route_epoch<k>.pt; RCO's anchors); every epoch when the run has fewer than K")
     utils.add_common_flags(p)
     return utils.parse_args(p, argv)
 
@@ -68,6 +68,9 @@ def main(argv=None):
     net, optimizer = run.nets[args.role], run.optimizers[args.role]
     # the route planned at the start, also when --epochs grows on resume (as the LR milestones)
     keep = run.state.setdefault("route_epochs", route_epochs(args.epochs, args.keep_epochs, args.keep_route))
+    if args.keep_route and args.keep_route > len(keep):
+        run.console.print(f"  note: --keep-route {args.keep_route} asks for more checkpoints than the run's "
+                          f"{args.epochs} epochs; it keeps every epoch")
 
     for epoch in run.epochs():
         for images, targets in run.train_batches():

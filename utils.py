@@ -33,13 +33,16 @@ if Path(sys.argv[0]).name.startswith(("train_", "evaluate")):
     signal.signal(signal.SIGINT, _quiet_interrupt)  # Ctrl-C during the slow imports below: no traceback
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import fcntl  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -76,19 +79,26 @@ def one_line(error: Exception) -> str:
 
 
 def main_guard(main):
-    """Run ``main``: bad input ends with one line on stderr and exit 2, a diverged run with exit 3."""
+    """Run ``main``: bad input ends with one line on stderr and exit 2, a diverged run with exit 3.
+
+    A run that was training when it ended so (:attr:`Run.active`) writes that into its results.json.
+    """
     prog = Path(sys.argv[0]).name
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    Run.active = None  # a run of an earlier main in this process is not this one's
     try:
         return main()
     except (UsageError, datasets.DatasetNotFoundError) as e:
+        Run.ended("failed", one_line(e))
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        kept = Run.ended("diverged", one_line(e))
+        print(f"{prog}: error: {one_line(e)}{'; ' + kept if kept else ''}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last completed epoch is kept, continue with --resume", file=sys.stderr)
+        kept = Run.ended("interrupted", "interrupted (Ctrl-C or SIGTERM)")
+        print(f"{prog}: interrupted; {kept}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -99,7 +109,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if ("%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or action.nargs == 0):  # a switch says in its help which state is the default
             return text
         return f"{text} (default: %(default)s)"
 
@@ -195,6 +206,7 @@ def cohort(names: list[str], roles: list[str] | None = None) -> dict:
 def parse_args(p: ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse ``argv``; the namespace also remembers the defaults and network flags (for run names)."""
     args = p.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     args._defaults = {a.dest: a.default for a in p._actions if a.dest != "help"}
     args._network_dests = tuple(p.network_dests)
     return args
@@ -226,13 +238,13 @@ POSITIVE_INT = number(int, 1)
 POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
 
-MAY_CHANGE_ON_RESUME = ("epochs", "workers", "no_progress", "log_interval", "print_every", "data_root",
+MAY_CHANGE_ON_RESUME = ("epochs", "workers", "threads", "no_progress", "log_interval", "print_every", "data_root",
                         "download", "device", "out", "run_name", "resume")
 """Flags that ``--resume`` accepts with a new value (``--epochs`` only larger, to extend the run;
 ``--out`` and ``--run-name`` only locate it, e.g. a copied run root, or the default name spelled out).
 Every other flag must equal the one the run was started with."""
 
-NOT_IN_RUN_NAME = ("dataset", "seed", "data_root", "download", "loader", "workers", "device", "amp",
+NOT_IN_RUN_NAME = ("dataset", "seed", "data_root", "download", "loader", "workers", "threads", "device", "amp",
                    "channels_last", "compile", "sync_bn", "deterministic", "out", "run_name", "resume",
                    "log_interval", "print_every", "no_progress", "epochs")
 """Flags that the default run name leaves out (they do not define the experiment, or are in it already)."""
@@ -251,6 +263,10 @@ def add_common_flags(p: ArgumentParser) -> None:
                         "device, augmented in batches; auto: tensor for in-memory sets")
     g.add_argument("--workers", type=number(int, 0), default=DEFAULT_WORKERS,
                    help="DataLoader worker processes (--loader torch)")
+    g.add_argument("--synthetic", nargs="+", type=synthetic_option, metavar="KEY=N",
+                   help="--dataset synthetic only: its size and classes, e.g. num_classes=100 train_size=5000 "
+                        f"(keys {', '.join(datasets.SYNTHETIC_DEFAULTS)}; defaults "
+                        f"{' '.join(f'{k}={v}' for k, v in datasets.SYNTHETIC_DEFAULTS.items())})")
     g.add_argument("--train-subset", type=POSITIVE_INT, metavar="N",
                    help="train on a fixed class-balanced subset of N images (default: all)")
     g.add_argument("--test-subset", type=POSITIVE_INT, metavar="N",
@@ -279,9 +295,12 @@ def add_common_flags(p: ArgumentParser) -> None:
                    help="official: re-draw the weights of the networks that a released training script "
                         "re-draws (Tiny-ImageNet: every network; three networks: the MobileNet), and only those "
                         "(default: the recipe's)")
-    g.add_argument("--seed", type=number(int, 0), default=0, help="seeds Python, NumPy and torch")
+    g.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seeds Python, NumPy and torch")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=POSITIVE_INT, default=default_threads(),
+                   help="CPU threads of torch's operators (default: OMP_NUM_THREADS, else the CPUs this process may "
+                        "use; on a shared machine, fewer run faster; the numbers can differ in the last bits)")
     g.add_argument("--amp", nargs="?", const="bf16", choices=("bf16", "fp16"),
                    help="autocast the forward passes (fp16 adds a GradScaler; bare --amp: bf16)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
@@ -293,23 +312,46 @@ def add_common_flags(p: ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", default="checkpoints", help="root of the run directories: <out>/<method>/<run-name>/")
     g.add_argument("--run-name",
-                   help="default: <dataset>-<networks>[-<recipe>][-<flag>=<value> ...]-seed<seed>, "
-                        "with every flag that differs from its default")
+                   help="default: <dataset>-<networks>[-<flag>=<value> ...]-seed<seed>, with every flag that "
+                        "differs from its default in the order of this help (a recipe by its name alone, e.g. "
+                        "cifar100-resnet20-wrn_16_2-tau=2.0-official-seed0)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory (only with the same flags; --epochs may grow)")
     g.add_argument("--log-interval", type=POSITIVE_INT, default=1, help="iterations between TensorBoard points")
     g.add_argument("--print-every", type=POSITIVE_INT,
                    help="iterations between progress lines when stderr is not a terminal (default: a tenth "
-                        "of an epoch)")
+                        "of an epoch; none for an epoch of fewer than 50 iterations)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
 
+def synthetic_option(text: str) -> str:
+    """argparse type of ``--synthetic``: ``KEY=N`` with a key of the synthetic set and a positive integer."""
+    key, _, value = text.partition("=")
+    if key not in datasets.SYNTHETIC_DEFAULTS or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected KEY=N with KEY one of {', '.join(datasets.SYNTHETIC_DEFAULTS)} "
+                                         f"and N a positive integer, got {text!r}")
+    return f"{key}={int(value)}"
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set (a positive integer), else the CPUs this process may run on."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def synthetic_options(args) -> dict | None:
+    """``--synthetic`` as the data layer takes it (``{"num_classes": 100, ...}``), or None."""
+    return {k: int(v) for k, v in (o.split("=") for o in args.synthetic)} if args.synthetic else None
+
+
 def default_run_name(args, networks: dict) -> str:
-    """<dataset>-<networks>[-<recipe>][-<flag>=<value> ...]-seed<seed>, naming every flag given a
-    non-default value (but those of :data:`NOT_IN_RUN_NAME`), so that two experiments never share a
-    run directory by default; a branch-based network ``okddip:resnet32`` is written ``okddip-resnet32``
-    (':' separates TensorBoard's log-directory names and is not allowed in Windows paths). Call it
-    before the recipe's defaults are filled in."""
+    """<dataset>-<networks>[-<flag>=<value> ...]-seed<seed>, naming every flag given a non-default
+    value (but those of :data:`NOT_IN_RUN_NAME`) in the parser's order, a recipe by its name alone, so
+    that two experiments never share a run directory by default; a branch-based network
+    ``okddip:resnet32`` is written ``okddip-resnet32`` (':' separates TensorBoard's log-directory names
+    and is not allowed in Windows paths). Call it before the recipe's defaults are filled in."""
     parts = [args.dataset, *(name.replace(":", "-") for name in networks.values())]
     defaults = getattr(args, "_defaults", {})
     for key, value in vars(args).items():
@@ -377,7 +419,7 @@ OFFICIAL_RECIPES = {
     "imagenet": {"*": Recipe("sgd", 0.1, 1e-4, _IMAGENET_STEPS, 120, batch_size=512, test_batch_size=512,
                              variant="official")},
 }
-"""What the authors' released scripts run (reference/official-code-facts.md). Two-network
+"""What the authors' released scripts run (docs/FIDELITY.md). Two-network
 CIFAR-100 keys by role; the three-network scripts key by network (their two students train
 differently); the ImageNet script counts epochs from 0, so its drops fall after epoch m."""
 
@@ -393,7 +435,7 @@ RELEASED_SCRIPTS = {
 OKDDIP_RECIPES = {dataset: {"*": Recipe("sgd", 0.1, 5e-4, (150, 225), 300, nesterov=True, test_batch_size=128,
                                         lr_drop="start", variant="okddip")}
                   for dataset in ("cifar10", "cifar100")}
-"""The OKDDip release (reference/okddip-code-facts.md, Sec. 3): Nesterov SGD, wd 5e-4 on every
+"""The OKDDip release (docs/OKDDIP.md R3): Nesterov SGD, wd 5e-4 on every
 parameter, x0.1 at 150 and 225 of 300 epochs, taking effect one epoch early."""
 
 _CRD = Recipe("sgd", 0.05, 5e-4, (150, 180, 210), 240, batch_size=64, test_batch_size=64, variant="crd")
@@ -475,15 +517,20 @@ def seed_everything(seed: int) -> None:
 
 
 def choose_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
+    """``auto`` is CUDA when present, else the CPU; only ``cpu``, ``cuda`` and ``cuda:N`` of a present GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -524,6 +571,15 @@ def save_trace(path: Path, trace: list[dict]) -> None:
         np.savez_compressed(f, **arrays)
 
 
+def load_json(path: Path) -> dict | None:
+    """A JSON object from ``path``; None when the file is missing or is not one."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def load_checkpoint(path: Path) -> dict:
     """``torch.load`` with a one-line error for a missing or corrupt file."""
     try:
@@ -550,8 +606,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def provenance(device: torch.device) -> dict:
-    """The code version (git commit, uncommitted changes), the libraries and the machine of a run."""
+def provenance(device: torch.device, argv: list[str] | None = None) -> dict:
+    """The code version (git commit, uncommitted changes), the libraries and the machine of a run, and
+    its command line (``argv``, the flags as parsed; default: this process's)."""
     def git(*args):
         try:
             done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
@@ -567,7 +624,8 @@ def provenance(device: torch.device) -> dict:
         "numpy": np.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "hostname": platform.node(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "hostname": platform.node(),
+        "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -669,12 +727,14 @@ class RunDirectory:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = None
+        self.created = False
 
     def create_and_lock(self) -> None:
         earlier = self._held.pop(self.path.resolve(), None)
         if earlier is not None:  # this process's own, from a run that did not finish: not a concurrent run
             earlier.close()
         try:
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             handle = open(self.path / ".lock", "a+")
         except OSError as e:
@@ -699,6 +759,12 @@ class RunDirectory:
             self._held.pop(self.path.resolve(), None)
             self._lock.close()
             self._lock = None
+
+    def discard(self) -> None:
+        """Remove the folder if this process created it (a run that failed before it began), then unlock."""
+        if self.created and self._lock is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
 
     def __truediv__(self, name):
         return self.path / name
@@ -757,8 +823,7 @@ class IterationLog:
             bad = [k for k, v in row.items() if not math.isfinite(v)]
             if bad:
                 self.pending = []
-                raise TrainingDiverged(f"non-finite {', '.join(bad)} at epoch {self.epoch}, iteration {iteration}; "
-                                       "the last good epoch is kept in last.pt")
+                raise TrainingDiverged(f"non-finite {', '.join(bad)} at epoch {self.epoch}, iteration {iteration}")
             for k, v in row.items():
                 self.sums[k] = self.sums.get(k, 0.0) + v
                 if self.writer is not None and step % self.log_interval == 0:
@@ -770,6 +835,10 @@ class IterationLog:
     def means(self) -> dict:
         self.flush()
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+SHORT_EPOCH = 50
+"""Iterations below which an epoch prints no progress lines to a file unless ``--print-every`` asks."""
 
 
 class Console:
@@ -800,7 +869,10 @@ class Console:
                 if i % 20 == 0 or i == total:
                     bar.set_postfix_str(status(), refresh=False)
             return
-        every = self.print_every or max(1, total // 10)
+        every = self.print_every or (total // 10 if total >= SHORT_EPOCH else None)
+        if every is None:  # a short epoch: its epoch line is enough
+            yield from iterable
+            return
         start = time.perf_counter()
         for i, item in enumerate(iterable, 1):
             yield item
@@ -822,8 +894,16 @@ def short(values: dict, keys=None, digits=3) -> str:
 
 # =========================================================================== the run
 
+CHECKPOINT_KEYS = ("method", "identity", "epochs_planned", "epoch", "models", "optimizers", "schedulers",
+                   "milestones", "scaler", "best", "history", "invocations", "state", "rng", "networks")
+"""What ``last.pt`` holds; a resume needs every one."""
+
+
 class Run:
     """One training run of one or more networks; see the module docstring for its use.
+
+    ``Run.active`` is the run this process trains, from its start to :meth:`finish`: how it
+    ended otherwise (diverged, interrupted) goes into its results.json (:meth:`ended`).
 
     ``networks`` maps a role (``"student"``, ``"teacher"``, ``"net"``, ...) to a model name
     of the zoo. ``script`` selects a released script's own recipe table (``recipe_for``; e.g.
@@ -840,12 +920,15 @@ class Run:
     ``state``: a dict the method may fill, checkpointed and restored on resume.
     """
 
+    active = None
+
     def __init__(self, args: argparse.Namespace, method: str, networks: dict[str, str], *,
                  script: str | None = None, data_options: dict | None = None, extra_modules=None):
         self.args, self.method = args, method
         self.start_time = time.perf_counter()
         self._init_distributed(args)
         self.main = self.rank == 0
+        torch.set_num_threads(args.threads)
         if args.deterministic:
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -857,7 +940,16 @@ class Run:
         self.recipes = {role: recipe_for(args.recipe, args.dataset, role, name, script)
                         for role, name in networks.items()}
         run_name = args.run_name or default_run_name(args, networks)
+        if not run_name or run_name in (".", "..") or "/" in run_name or "\0" in run_name:
+            raise UsageError(f"--run-name {run_name!r} must name one folder inside --out (no '/', not '.' or '..')")
         self._resolve_flags(args, next(iter(self.recipes.values())))
+        for name in networks.values():  # before the data: a misspelt name costs no download
+            try:
+                models.check_name(name)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        if args.resume:  # the same: a resume with other flags (left out, say) is refused before the data loads
+            self._check_record(Path(args.out) / method / run_name)
         options = dict(data_options or {})
         self.data = self._build_data(args, options.pop("holdout", 0))
         loader = args.loader if args.loader != "auto" else (
@@ -893,18 +985,22 @@ class Run:
         self.writer = None
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(self.dir / "tensorboard", purge_step=self.global_step or None)
+            # one step axis, the iteration: points after last.pt's last iteration (of an epoch that did not
+            # end, or of an earlier attempt) are purged, so a resumed run's curves are an uninterrupted run's
+            self.writer = SummaryWriter(self.dir / "tensorboard", purge_step=self.global_step + 1)
         self.iterations = IterationLog(self.writer, args.log_interval)
         self._epoch_start = time.perf_counter()
         self._banner()
+        Run.active = self
 
     # ------------------------------------------------------------------ construction
     def _init_distributed(self, args):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = choose_device(args.device)
-        if args.sync_bn and self.world_size > 1 and self.device.type != "cuda":
-            raise UsageError(f"--sync-bn needs CUDA devices; SyncBatchNorm cannot run on {self.device.type}")
+        if args.sync_bn and self.device.type != "cuda":
+            raise UsageError(f"--sync-bn needs CUDA devices (and torchrun); SyncBatchNorm cannot run on "
+                             f"{self.device.type}")
         self._owns_process_group = self.world_size > 1 and not dist.is_initialized()
         if self._owns_process_group:
             if self.device.type == "cuda":
@@ -914,6 +1010,7 @@ class Run:
 
     def _resolve_flags(self, args, first: Recipe):
         """Replace every "the recipe's" default by its value, so args.json and results.json say it."""
+        self._epochs_given = args.epochs is not None
         args.epochs = args.epochs or first.epochs
         args.batch_size = args.batch_size or first.batch_size
         args.test_batch_size = args.test_batch_size or first.test_batch_size
@@ -931,7 +1028,7 @@ class Run:
                 try:
                     data = datasets.build(args.dataset, args.data_root, download=download and self.main,
                                           train_subset=args.train_subset, test_subset=args.test_subset,
-                                          holdout=holdout)
+                                          holdout=holdout, synthetic=synthetic_options(args))
                 except ValueError as e:
                     raise UsageError(str(e)) from None
             if self.world_size > 1:
@@ -976,7 +1073,16 @@ class Run:
         return {k: v for k, v in vars(self.args).items() if not k.startswith("_") and k not in MAY_CHANGE_ON_RESUME}
 
     def _prepare_directory(self):
-        """Lock the directory, then resume it or start it; every process agrees on the outcome."""
+        """Lock the directory, then resume it or start it; every process agrees on the outcome.
+
+        A folder this process created for a run that cannot start is removed again."""
+        try:
+            self._open_directory()
+        except UsageError:
+            self.dir.discard()
+            raise
+
+    def _open_directory(self):
         failure = None
         if self.main:
             try:
@@ -996,11 +1102,15 @@ class Run:
         elif last.exists():
             raise UsageError(f"{self.dir.path} already holds a run; pass --resume to continue it "
                              "(with the same flags) or --run-name to start another")
-        elif self.args.resume and self.main:
-            print(f"--resume: no last.pt in {self.dir.path}; starting a new run", file=sys.stderr, flush=True)
+        elif self.args.resume:
+            raise UsageError(f"--resume: no run to continue in {self.dir.path} (no last.pt); leave out --resume "
+                             "to start it")
+        self._saved_epoch, self._saved_best = self.epoch, copy.deepcopy(self.best)
+        if self.main:
+            self._settle_best_checkpoints()
         self.global_step = self.epoch * len(self.train_loader)
-        self.invocations.append({**provenance(self.device), "from_epoch": self.epoch,
-                                 "epochs": self.args.epochs, "world_size": self.world_size,
+        self.invocations.append({**provenance(self.device, getattr(self.args, "_argv", None)),
+                                 "from_epoch": self.epoch, "epochs": self.args.epochs, "world_size": self.world_size,
                                  "data_source": self.data.source})
         if self.main:
             atomic_write(self.dir / "metrics.jsonl",  # drops rows of an epoch whose checkpoint was lost
@@ -1008,18 +1118,18 @@ class Run:
             save_json(self.dir / "args.json", self._record_args())
 
     def _load(self, ckpt):
-        old = ckpt.get("identity")
+        old = ckpt.get("identity") if isinstance(ckpt, dict) else None
         if old is None or ckpt.get("method") != self.method:
             raise UsageError(f"{self.dir / 'last.pt'} was not written by {self.method} of this version; "
                              "start a new run with another --run-name")
-        new = self._identity()
-        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}"
-                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        if changed:
-            raise UsageError(f"--resume: this run was started with other flags ({'; '.join(changed)}); "
-                             f"only {', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE_ON_RESUME[:-1])} "
-                             "may change on resume; use another --run-name for a new run")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+        if missing:
+            raise UsageError(f"{self.dir / 'last.pt'} lacks {', '.join(missing)}: it cannot be resumed exactly; "
+                             "start a new run with another --run-name")
+        self._check_flags(old)
         planned = ckpt["epochs_planned"]
+        if not self._epochs_given:  # the run's own plan, never the recipe's default
+            self.args.epochs = planned
         if self.args.epochs < planned:
             raise UsageError(f"--resume: --epochs {self.args.epochs} is below the {planned} this run plans; "
                              "--epochs may only grow on resume")
@@ -1040,6 +1150,30 @@ class Run:
         if self.args.epochs > planned and self.main:
             print(f"--resume: extending from {planned} to {self.args.epochs} epochs; the learning-rate "
                   "milestones stay those of the original plan", file=sys.stderr, flush=True)
+
+    def _check_record(self, run_dir: Path) -> None:
+        """What a run directory records (results.json, else args.json) against this resume: the method,
+        then the flags."""
+        results = load_json(run_dir / "results.json") or {}
+        if results.get("method", self.method) != self.method:
+            raise UsageError(f"{run_dir / 'last.pt'} was not written by {self.method} (but by {results['method']}); "
+                             "start a new run with another --run-name")
+        recorded = results.get("args") if isinstance(results.get("args"), dict) else load_json(run_dir / "args.json")
+        self._check_flags(recorded)
+
+    def _check_flags(self, old: dict | None) -> None:
+        """Refuse to resume a run started with other flags than this invocation's (``old``: its
+        identity or args.json; None: nothing recorded yet), naming each one."""
+        if old is None:
+            return
+        new = self._identity()
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}"
+                   for k in sorted(set(old) | set(new)) if k not in MAY_CHANGE_ON_RESUME and old.get(k) != new.get(k)]
+        if changed:
+            raise UsageError(f"--resume: this run was started with other flags ({'; '.join(changed)}); give its "
+                             f"flags again (they are in its args.json); only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in MAY_CHANGE_ON_RESUME[:-1])} "
+                             "may change on resume; use another --run-name for a new run")
 
     def _record_args(self) -> dict:
         return {k: v for k, v in vars(self.args).items() if not k.startswith("_")}
@@ -1113,16 +1247,22 @@ class Run:
         self._derived[name] = write
 
     def end_epoch(self, metrics: dict, extra: dict | None = None) -> dict:
-        """Record one epoch: metrics row, best checkpoints, TensorBoard, last.pt, derived files, console line.
+        """Record one epoch: metrics row, TensorBoard, last.pt, best checkpoints, derived files,
+        results.json, console line.
 
         ``metrics`` is :meth:`evaluate`'s (a network's best checkpoint follows its own top-1);
-        ``extra`` the method's per-epoch values. Returns the row.
+        ``extra`` the method's per-epoch values. Returns the row. A non-finite test loss or
+        weight stops the run (:class:`TrainingDiverged`) before anything of the epoch is saved.
+        Files are written so that none is ever newer than ``last.pt``: TensorBoard (whose points
+        after ``last.pt`` a resume purges) before it, the rest after it, a new best checkpoint
+        through a pending file that a resume completes.
         """
-        self.epoch += 1
+        epoch = self.epoch + 1
         train = self.iterations.means()
+        self._check_finite(epoch, metrics)
         seconds = self.iteration_seconds()
         means = all_reduce_mean(torch.tensor(list(train.values()), dtype=torch.float64, device=self.device))
-        row = {"epoch": self.epoch}
+        row = {"epoch": epoch}
         row.update({f"lr/{role}": lr for role, lr in self._epoch_lrs.items()})
         row.update({f"train/{k}": v for k, v in zip(train, means.tolist())})
         row.update(extra or {})
@@ -1132,36 +1272,65 @@ class Run:
         row["time/iterations"] = len(seconds)
         row["time/epoch_s"] = time.perf_counter() - self._epoch_start
         row["time/elapsed_s"] = self.elapsed()
+        self.epoch = epoch
         self.history.append(row)
-        if self.writer is not None and len(seconds):
-            first = self.iterations.global_step - len(seconds)
-            for i in range(0, len(seconds), self.args.log_interval):
-                self.writer.add_scalar("iter/seconds", seconds[i], first + i + 1)
         if not self.main:
             return row
-        for role in self.networks:
-            if role in metrics and metrics[role]["top1"] > self.best[role]["top1"]:
-                self.best[role] = {"top1": metrics[role]["top1"], "epoch": self.epoch}
-                save_torch(self.dir / f"best_{role}.pt", self.network_checkpoint(role, metrics[role]))
+        step = self.iterations.global_step
+        for i in range(0, len(seconds), self.args.log_interval):
+            self.writer.add_scalar("iter/seconds", seconds[i], step - len(seconds) + i + 1)
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+        improved = [role for role in self.networks if role in metrics
+                    and metrics[role]["top1"] > self.best[role]["top1"]]
+        for role in improved:
+            self.best[role] = {"top1": metrics[role]["top1"], "epoch": epoch}
+            save_torch(self.dir / f".best_{role}.pt.pending", self.network_checkpoint(role, metrics[role]))
+        save_torch(self.dir / "last.pt", self._checkpoint())
+        self._saved_epoch, self._saved_best = epoch, copy.deepcopy(self.best)
+        self._settle_best_checkpoints()
         try:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:
             raise UsageError(f"cannot write {self.dir / 'metrics.jsonl'}: {e.strerror}") from None
-        for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, self.epoch)
-        self.writer.flush()
-        save_torch(self.dir / "last.pt", self._checkpoint())
         self._write_derived()
+        save_json(self.dir / "results.json", self._results("unfinished"))
         self._epoch_line(row, metrics)
         return row
+
+    def _check_finite(self, epoch: int, metrics: dict) -> None:
+        """A diverged epoch: a non-finite test loss, or non-finite weights or BatchNorm statistics."""
+        bad = [f"test loss of {name}" for name, m in metrics.items() if not math.isfinite(m.get("loss", 0.0))]
+        for role, module in self.modules.items():
+            tensors = [t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()]
+            if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all().item():
+                bad.append(f"weights of {role}")
+        if bad:
+            raise TrainingDiverged(f"non-finite {', '.join(bad)} at the end of epoch {epoch}")
+
+    def _settle_best_checkpoints(self) -> None:
+        """A pending best checkpoint becomes ``best_<role>.pt`` once ``last.pt`` records its epoch; one that
+        ``last.pt`` does not record (the process ended between the two) is dropped."""
+        for pending in self.dir.path.glob(".best_*.pt.pending"):
+            role = pending.name[len(".best_"):-len(".pt.pending")]
+            try:
+                epoch = torch.load(pending, map_location="cpu", weights_only=False).get("epoch")
+            except Exception:  # noqa: BLE001 - a damaged pending file is dropped like a stale one
+                epoch = None
+            if role in self.best and epoch == self.best[role]["epoch"] and epoch <= self._saved_epoch:
+                os.replace(pending, self.dir / f"best_{role}.pt")
+            else:
+                pending.unlink(missing_ok=True)
 
     def _epoch_line(self, row, metrics):
         losses = {k[len("train/"):]: v for k, v in row.items() if k.startswith("train/") and is_loss(k)}
         rates = sorted({f"{row[f'lr/{r}']:.3g}" for r in self.networks})
         accuracy = "  ".join(f"{name} {m['top1']:.2f}%" for name, m in metrics.items())
-        extra = "  ".join(f"{k.split('/')[-1]} {v:.1%}" for k, v in row.items() if k.endswith("_fraction"))
+        extra = "  ".join(f"{' '.join(k.split('/')[1:])} {v:.1%}" for k, v in row.items()
+                          if k.endswith("_fraction"))  # switch/<pair>/expert_fraction: the pair named
         per_epoch = self.elapsed() / max(1, len(self.history))
         remaining = per_epoch * (self.args.epochs - self.epoch)
         self.console.print(f"epoch {self.epoch}/{self.args.epochs}  test {accuracy}  |  train {short(losses)}  |  "
@@ -1178,10 +1347,54 @@ class Run:
         ``summary`` is the method's part of results.json, computed from ``state`` so that a
         finished run resumed after a crash rebuilds it without training.
         """
+        Run.active = None
+        results = self._results("finished" if self.epoch >= self.args.epochs else "stopped", summary)
+        if self.main:
+            save_json(self.dir / "results.json", results)
+            self._write_derived()
+            self.writer.close()
+            self._summary(results)
+        if dist.is_initialized():
+            dist.barrier()
+        if self._owns_process_group:
+            dist.destroy_process_group()
+        self.dir.release()
+        return results
+
+    @classmethod
+    def ended(cls, status: str, reason: str) -> str:
+        """The active run ended early (``status``: diverged, interrupted, failed): record it in its
+        results.json (a run that failed before its first epoch leaves no folder) and say what is kept."""
+        run, cls.active = cls.active, None
+        if run is None:
+            return "the last completed epoch is kept, continue with --resume" if status == "interrupted" else ""
+        saved = run._saved_epoch
+        if not saved:
+            kept = "no epoch was completed, so there is no last.pt"
+        elif status == "diverged":
+            kept = f"last.pt keeps epoch {saved}, the last good one"
+        else:
+            kept = f"last.pt keeps epoch {saved}; continue with --resume"
+        if run.main:
+            if status == "failed" and not saved:
+                run.writer.close()
+                run.dir.discard()
+                return ""
+            run.history, run.epoch, run.best = run.history[:saved], saved, run._saved_best  # what last.pt holds
+            try:
+                save_json(run.dir / "results.json", {**run._results(status), "ended": reason})
+            except UsageError:
+                pass  # the original error is the one to report
+            run.writer.close()
+        run.dir.release()
+        return kept
+
+    def _results(self, status: str, summary: dict | None = None) -> dict:
+        """What results.json holds: the run's status, epochs, each network's best and final accuracy,
+        its settings, the method's ``summary``, the code version and every invocation, the flags."""
         last = self.history[-1] if self.history else {}
         results = {
-            "method": self.method,
-            "status": "finished" if self.epoch >= self.args.epochs else "stopped",
+            "method": self.method, "status": status,
             "dataset": self.args.dataset, "recipe": self.args.recipe, "seed": self.args.seed,
             "epochs": self.epoch, "epochs_planned": self.args.epochs,
             "world_size": self.world_size, "wall_time_s": self.elapsed(),
@@ -1194,7 +1407,8 @@ class Run:
             "auxiliary": {name: {**self.settings[name], "params": models.count_parameters(self.modules[name])}
                           for name in self.modules if name not in self.networks},
             "settings": {"batch_size": self.args.batch_size, "test_batch_size": self.args.test_batch_size,
-                         "device": str(self.device), "amp": self.args.amp, "channels_last": self.args.channels_last,
+                         "device": str(self.device), "threads": self.args.threads, "amp": self.args.amp,
+                         "channels_last": self.args.channels_last,
                          "compile": self.args.compile, "world_size": self.world_size,
                          "loader": type(self.train_loader).__name__},
             **(summary or {}),
@@ -1203,16 +1417,6 @@ class Run:
         }
         if not results["auxiliary"]:
             del results["auxiliary"]
-        if self.main:
-            save_json(self.dir / "results.json", results)
-            self._write_derived()
-            self.writer.close()
-            self._summary(results)
-        if dist.is_initialized():
-            dist.barrier()
-        if self._owns_process_group:
-            dist.destroy_process_group()
-        self.dir.release()
         return results
 
     def measured(self, role: str, keys=()) -> dict:
@@ -1259,6 +1463,7 @@ class Run:
                            f"images, {self.data.num_classes} classes, batch {args.batch_size}, "
                            f"{type(self.train_loader).__name__}; from {self.data.source}")
         self.console.print(f"  device {self.device}{f' x {self.world_size} processes' if self.world_size > 1 else ''}"
+                           f", {args.threads} CPU thread{'s' if args.threads > 1 else ''}"
                            f", amp {args.amp or 'off'}{', channels_last' if args.channels_last else ''}"
                            f"{', compile ' + args.compile if args.compile else ''}; recipe {args.recipe}, "
                            f"{args.epochs} epochs, LR drops {args.lr_drop} milestone epochs")
@@ -1282,7 +1487,7 @@ class Run:
                 "dataset": self.args.dataset, "method": self.method, "role": role, "epoch": self.epoch,
                 "metrics": metrics, "model": self.modules[role].state_dict()}
 
-    def _checkpoint(self):
+    def _checkpoint(self):  # the keys are CHECKPOINT_KEYS
         return {
             "method": self.method, "identity": self._identity(), "epochs_planned": self.args.epochs,
             "epoch": self.epoch,

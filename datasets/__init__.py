@@ -16,12 +16,13 @@ from .contrast import CONTRAST_MODES, ContrastSampler, train_targets
 from .core import DataBundle, DatasetNotFoundError, split_holdout, take_subset
 from .loaders import Loaders, make_loaders
 from .mnist import build_mnist
-from .small import build_digits, build_synthetic
+from .small import SYNTHETIC_DEFAULTS, build_digits, build_synthetic
 from .vision import build_cifar, build_imagenet, build_tinyimagenet, image_folder
 
 NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "mnist", "fashionmnist", "digits", "synthetic")
 
-__all__ = ["CONTRAST_MODES", "NAMES", "ContrastSampler", "DataBundle", "DatasetNotFoundError", "Loaders", "build",
+__all__ = ["CONTRAST_MODES", "NAMES", "SYNTHETIC_DEFAULTS", "ContrastSampler", "DataBundle", "DatasetNotFoundError",
+           "Loaders", "build",
            "image_folder", "make_loaders", "train_targets"]
 
 

@@ -157,17 +157,19 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Crop offsets and flips drawn on the CPU (a few bytes a batch), so that every device
+        draws the same augmentation for the same seed; applied on the device."""
         b, _, h, w = x.shape
         p = self.padding
-        top = torch.randint(0, 2 * p + 1, (b,), device=self.device, generator=gen)
-        left = torch.randint(0, 2 * p + 1, (b,), device=self.device, generator=gen)
-        flip = torch.rand(b, device=self.device, generator=gen) < 0.5 if self.flip else None
+        top = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(self.device, non_blocking=True)
+        left = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(self.device, non_blocking=True)
+        flip = (torch.rand(b, generator=gen) < 0.5).to(self.device, non_blocking=True) if self.flip else None
         return gather_crops(F.pad(x, (p, p, p, p)), top, left, h, w, flip)
 
     def __iter__(self):
         idx = shard_indices(len(self.targets), train=self.train, seed=self.seed, epoch=self.epoch,
                             rank=self.rank, world_size=self.world_size).to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = idx[start:start + self.batch_size]
             x = self.images[batch]
@@ -208,8 +210,8 @@ def make_loaders(bundle: DataBundle, batch_size: int, test_batch_size: int, load
         splits = bundle.train, bundle.test, bundle.holdout
     else:
         if bundle.train_arrays is None or bundle.test_arrays is None:
-            raise ValueError("--loader tensor needs an in-memory dataset (cifar10, cifar100, mnist, fashionmnist, digits, "
-                             "synthetic); "
+            raise ValueError("--loader tensor needs an in-memory dataset (cifar10, cifar100, mnist, fashionmnist, "
+                             "digits, synthetic); "
                              f"{bundle.name!r} is disk-backed: use --loader torch")
 
         def make(arrays, batch, **options):

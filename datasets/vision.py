@@ -267,43 +267,54 @@ def build_tinyimagenet(root: str, download: bool) -> DataBundle:
     )
 
 
+IMAGENET_LAYOUT = "imagenet/train/<class>/*.JPEG and imagenet/val/<class>/*.JPEG (the val images in class folders)"
+
+
 def build_imagenet(root: str) -> DataBundle:
-    """ImageNet (ILSVRC-2012) as ``root/train/<class>/*`` and ``root/val/<class>/*``; never downloaded."""
+    """ImageNet (ILSVRC-2012) as ``root/imagenet/train/<class>/*`` and ``root/imagenet/val/<class>/*``;
+    never downloaded."""
     mean, std = IMAGENET_STATS
+    base = Path(root) / "imagenet"
     try:
-        train = ImageFolder(Path(root) / "train", transform=transforms.imagenet_train(mean, std), loader=read_image)
-        test = ImageFolder(Path(root) / "val", transform=transforms.imagenet_eval(mean, std), loader=read_image)
+        train = ImageFolder(base / "train", transform=transforms.imagenet_train(mean, std), loader=read_image)
+        test = ImageFolder(base / "val", transform=transforms.imagenet_eval(mean, std), loader=read_image)
     except _READ_ERRORS as err:
-        hint = "it cannot be downloaded automatically (--download does not apply): obtain ILSVRC-2012 yourself"
-        raise not_found("imagenet", root, "train/<class>/*.JPEG and val/<class>/*.JPEG", hint) from err
+        hint = ("it cannot be downloaded automatically (--download does not apply): obtain ILSVRC-2012 yourself "
+                f"({' '.join(_describe(err).split()[:12])})")
+        raise not_found("imagenet", root, IMAGENET_LAYOUT, hint) from err
     return DataBundle(
         name="imagenet", num_classes=len(train.classes), image_size=224, mean=mean, std=std,
         train=train, test=test, train_arrays=None, test_arrays=None, crop_padding=0, flip=True,
-        source=str(root),
+        source=str(base),
     )
 
 
 def image_folder(path, bundle: DataBundle) -> ImageFolder:
     """Images in ``path/<class>/`` served like ``bundle``'s test split: at its image size, with its statistics.
 
-    Class folders named like the dataset's classes take those classes' indices; otherwise
-    there must be one folder per class, taken in sorted order.
+    Class folders named like the dataset's classes, or by class index (``0``, ``3``, ...), take
+    those classes' indices (any subset of the classes); otherwise there must be one folder per
+    class, taken in sorted order.
     """
     resize = [] if bundle.image_size >= 160 else [v2.Resize(bundle.image_size), v2.CenterCrop(bundle.image_size)]
     transform = transforms.imagenet_eval(bundle.mean, bundle.std) if not resize else v2.Compose(
         [v2.ToImage(), *resize, *transforms.plain(bundle.mean, bundle.std).transforms[1:]])
     try:
-        folder = ImageFolder(path, transform=transform)
+        folder = ImageFolder(path, transform=transform, loader=read_image)
     except (OSError, FileNotFoundError) as err:
         raise not_found("image folder", path, "<class>/<image> sub-folders", str(err)) from err
     known = getattr(_root_dataset(bundle.test), "classes", None)
+    index = None
     if known and set(folder.classes) <= set(known):
         index = {name: known.index(name) for name in folder.classes}
+    elif all(name.isdigit() and int(name) < bundle.num_classes for name in folder.classes):
+        index = {name: int(name) for name in folder.classes}
+    if index is not None:
         folder.samples = [(p, index[folder.classes[c]]) for p, c in folder.samples]
         folder.targets = [c for _, c in folder.samples]
     elif len(folder.classes) != bundle.num_classes:
         raise ValueError(f"{path} has {len(folder.classes)} class folders; {bundle.name} has {bundle.num_classes} "
-                         "classes (name the folders after its classes, or give one per class)")
+                         "classes (name the folders after its classes or their indices, or give one per class)")
     return folder
 
 

@@ -20,7 +20,8 @@ GitHub); ``"okddip"`` the single networks of the OKDDip release (DefangChen/OKDD
 ``resnet32 resnet110 wrn_20_8 vgg16 densenet40_12``, ImageNet ``resnet18 resnet34``;
 models/okddip_backbones.py); ``"crd"`` the networks of the CRD benchmark (RepDistiller's
 ``models/``: CIFAR ResNets with 1x1-conv projection shortcuts, WRNs and the CIFAR MobileNetV2
-with their Linear initialisation; the paper's for the networks it does not have).  Each module's docstring says which released file it follows.
+with their Linear initialisation; the paper's for the networks it does not have).  Each
+module's docstring says which released file it follows.
 The multi-branch and multi-network models of OKDDip, ONE and CL-ILR are built by
 ``build_okddip`` (models/okddip.py) and listed by ``okddip_names``.
 ``script_init`` is the weight re-draw some released training scripts add on top.
@@ -31,6 +32,7 @@ lists the training route a run kept (models/checkpoints.py);
 """
 import re
 
+import torch
 import torch.nn as nn
 
 from .checkpoints import ROUTE_FILE, checkpoint_file, load, read_checkpoint, route_checkpoints
@@ -45,6 +47,7 @@ from .script_init import script_init
 from .wrn import wrn, wrn_crd, wrn_official
 
 __all__ = ["ROUTE_FILE", "VARIANTS", "BranchOutput", "FeatureExtractor", "NoOfficialArchitecture", "build",
+           "check_name",
            "build_okddip", "checkpoint_file", "count_parameters", "find_features", "load", "match_stages", "names",
            "okddip_name", "okddip_names", "read_checkpoint", "route_checkpoints", "script_init"]
 
@@ -66,6 +69,16 @@ class NoOfficialArchitecture(ValueError):
 def names() -> list[str]:
     """The canonical model names (``build`` also accepts any wrn_<d>_<k> / mobilenetv2_<w>)."""
     return list(_CANONICAL)
+
+
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` (listing the names) when ``name`` is no network of the zoo; builds nothing
+    (the network is made on the meta device), so a script can say so before it loads any data."""
+    with torch.device("meta"):
+        try:
+            build(name, 10, 32)
+        except NoOfficialArchitecture:
+            pass
 
 
 def count_parameters(model: nn.Module) -> int:

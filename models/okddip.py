@@ -1,11 +1,11 @@
 """Networks of the OKDDip paper's methods: OKDDip, ONE, CL-ILR, individual branches.
 
 Chen, Mei, Wang, Feng, Chen, "Online Knowledge Distillation with Diverse Peers", AAAI 2020;
-behaviour as read from the authors' code (``DefangChen/OKDDip``), written down in
-``shared/reference/okddip-code-facts.md`` ("facts Sec. x" below).  The backbones and their split
+behaviour as read from the authors' code (``DefangChen/OKDDip``), stated with its files and lines
+in docs/OKDDIP.md's last section ("R x" below).  The backbones and their split
 points are in :mod:`models.okddip_backbones`.
 
-Branch-based ("BB") models (facts Sec. 1.1, 1.5, 1.6): one shared trunk, m structurally identical
+Branch-based ("BB") models (R1.1, R1.5, R1.6): one shared trunk, m structurally identical
 branches reading the same trunk output, plus the method's extra module:
 
 * ``okddip`` - branches 0..m-2 are auxiliary peers, branch m-1 is the group leader.
@@ -27,9 +27,9 @@ here it is m x B x C (``logits[k]`` = branch k), features likewise m x B x d.
 Two DenseNet slips of the release are not reproduced (parameter counts are unaffected): its
 OKDDip DenseNet puts the leader into the attention (m x m instead of (m-1) x (m-1)) and skips
 the leader's final BN-ReLU; here DenseNet follows the ResNet/VGG models.  Neither is its VGG-ONE
-second pass through every branch (facts Sec. 1.6; each branch runs once here).
+second pass through every branch (R1.6; each branch runs once here).
 
-Network-based OKDDip (facts Sec. 1.7, ``--MulStu``): m independent baseline networks (the VGG
+Network-based OKDDip (R1.7, ``--MulStu``): m independent baseline networks (the VGG
 head then has the baseline's dropout 0.0, since ``train_GL.py`` passes ``--dropout``, default 0)
 and the same attention on their pooled features; the last network is the leader.
 """
@@ -44,7 +44,7 @@ from .okddip_backbones import (BACKBONES, CIFAR_BACKBONES, FEATURE_DIM, IMAGENET
                                build_okddip_backbone, family, init_weights, single_net, split)
 
 METHODS = ("okddip", "one", "clilr", "ind")
-BB_DROPOUT = 0.5  # VGG head dropout of every multi-branch model (facts Sec. 1.3)
+BB_DROPOUT = 0.5  # VGG head dropout of every multi-branch model (R1.3)
 
 __all__ = ["BACKBONES", "CIFAR_BACKBONES", "IMAGENET_BACKBONES", "METHODS", "BranchOutput", "ScaleGradient",
            "PeerAttention", "OneGate", "BranchedNet", "NetworkOKDDip", "build_okddip_backbone", "build_branched",
@@ -71,7 +71,7 @@ class BranchOutput(NamedTuple):
 class ScaleGradient(torch.autograd.Function):
     """Identity in the forward pass; the backward pass divides the gradient by ``divisor``.
 
-    CL-ILR's backprop rescaling (facts Sec. 1.6): put once on the trunk output, the tensor all
+    CL-ILR's backprop rescaling (R1.6): put once on the trunk output, the tensor all
     branches (and the ONE gate) read, with ``divisor = m``, so the summed gradient of the branches
     enters the trunk divided by m while the branches' own gradients are unchanged.
     """
@@ -87,7 +87,7 @@ class ScaleGradient(torch.autograd.Function):
 
 
 class PeerAttention(nn.Module):
-    """OKDDip's attention (facts Sec. 1.5): ``E_ij = (W_Q h_i) . (W_K h_j)``, softmax over j.
+    """OKDDip's attention (R1.5): ``E_ij = (W_Q h_i) . (W_K h_j)``, softmax over j.
 
     ``W_Q``, ``W_K``: bias-free ``d -> d // factor`` maps shared by all peers; the dot product is
     not scaled, self (j = i) is included.  Input (n, B, d) features, output (B, n, n).
@@ -105,7 +105,7 @@ class PeerAttention(nn.Module):
 
 
 class OneGate(nn.Sequential):
-    """ONE's gate up to the softmax (facts Sec. 1.6): trunk output -> global average pool ->
+    """ONE's gate up to the softmax (R1.6): trunk output -> global average pool ->
     Linear (with bias) -> BatchNorm1d(m) -> ReLU, i.e. non-negative scores (B, m).
 
     The release pools with a fixed ``AvgPool2d(16)`` (ResNet) / ``AvgPool2d(8)`` (DenseNet), equal
@@ -179,7 +179,7 @@ def build_branched(backbone: str, num_classes: int, method: str, branches: int =
     with ``ilr=False`` is CL without ILR, ``one`` with ``ilr=True`` the release's
     ``train_one.py --bpscale``.  ``shared_dense_block=True`` (DenseNet only) reproduces the
     release's bug of one block-3 object shared by all branches; the default gives each branch its
-    own block 3, as intended (facts Sec. 1.4).  VGG heads use dropout 0.5.
+    own block 3, as intended (R1.4).  VGG heads use dropout 0.5.
     """
     _check_branches(branches)
     if method not in METHODS:

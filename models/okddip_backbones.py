@@ -1,31 +1,31 @@
 """The single networks of the OKDDip release, cut into a shared trunk and a branch.
 
 Chen, Mei, Wang, Feng, Chen, "Online Knowledge Distillation with Diverse Peers", AAAI 2020;
-behaviour as read from the authors' code (``DefangChen/OKDDip``), written down in
-``shared/reference/okddip-code-facts.md`` (cited below as "facts Sec. x").
+behaviour as read from the authors' code (``DefangChen/OKDDip``), stated with its files and lines
+in docs/OKDDIP.md's last section (cited below as "R x").
 
 Every network here is ``trunk -> branch``: the trunk holds the low layers that the branch-based
 ("BB") models share, the branch = the last stage(s) + pooling + classifier and maps the trunk
 output to ``(feature, logits)``, ``feature`` being the pooled penultimate vector that the
 classifier reads (and OKDDip's attention projects).  The baseline is one trunk + one branch, so
-its parameters equal a deployed multi-branch model's (facts Sec. 1.1, 1.9).  CIFAR inputs are
+its parameters equal a deployed multi-branch model's (R1.1, R1.9).  CIFAR inputs are
 32x32.
 
-* ``resnet32`` - BasicBlock [5,5,5], widths 16/32/64 (facts Sec. 1.2).
+* ``resnet32`` - BasicBlock [5,5,5], widths 16/32/64 (R1.2).
 * ``resnet110`` - the release's BOTTLENECK [12,12,12] network (expansion 4, outputs 64/128/256).
 * ``wrn_20_8`` - the release's "wide_resnet20_8": Bottleneck [2,2,2] with inner width 8x
   (128/256/512), outputs 64/128/256; not Zagoruyko's WRN.
   All three: torchvision-style post-activation blocks, 3x3 stem without max-pool, a 1x1-conv+BN
   projection shortcut ("option B") whenever the shape changes; split after ``layer2``.
 * ``vgg16`` - 13 convs with bias, each + BN + ReLU, and a Linear-ReLU-Dropout x2 + Linear head;
-  split after the first 512 stage (facts Sec. 1.3).
+  split after the first 512 stage (R1.3).
 * ``densenet40_12`` - DenseNet-BC, 3 blocks of 6 bottleneck layers, growth 12, 24 stem features,
   compression 0.5; split after transition 2; the branch is block 3 + BN + ReLU + pool + Linear
-  (facts Sec. 1.4).
+  (R1.4).
 * ``resnet18`` / ``resnet34`` - torchvision's ImageNet ResNets; split after ``layer2``, the branch
-  is ``layer3 + layer4 + fc`` (facts Sec. 1.8).
+  is ``layer3 + layer4 + fc`` (R1.8).
 
-Initialisation (facts Sec. 1.1), applied by :func:`init_weights` to a whole assembled model:
+Initialisation (R1.1), applied by :func:`init_weights` to a whole assembled model:
 ResNet convs Kaiming-normal fan_out, Linear layers PyTorch default; VGG convs Kaiming-normal
 fan_out with zero bias, every Linear N(0, 0.01) with a zero bias (except in the OKDDip BB model,
 whose Linear biases keep the default init); DenseNet convs Kaiming-normal fan_in, Linear biases
@@ -49,7 +49,7 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (torchvision's block, facts Sec. 1.2)."""
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU (torchvision's block, R1.2)."""
 
     expansion = 1
 
@@ -158,7 +158,7 @@ class SingleNet(nn.Module):
 
 
 class Split(NamedTuple):
-    """A backbone cut at the facts' split point: one trunk and ``len(branches)`` branches."""
+    """A backbone cut at the release's split point: one trunk and ``len(branches)`` branches."""
 
     trunk: nn.Module
     branches: list[Branch]
@@ -180,7 +180,7 @@ def split(backbone: str, num_classes: int, branches: int, *, dropout: float = 0.
     """Build the trunk and ``branches`` structurally identical branches of ``backbone``.
 
     ``dropout`` is VGG's head dropout; ``shared_dense_block`` makes every DenseNet branch hold
-    the SAME block-3 object (the release's bug, facts Sec. 1.4).  Weights are not initialised
+    the SAME block-3 object (the release's bug, R1.4).  Weights are not initialised
     here (see :func:`init_weights`), except for the ImageNet ResNets (torchvision's init).
     """
     kind = family(backbone)
@@ -228,7 +228,7 @@ def split(backbone: str, num_classes: int, branches: int, *, dropout: float = 0.
 
 
 def init_weights(model: nn.Module, kind: str, zero_linear_bias: bool = True) -> nn.Module:
-    """Initialise ``model`` in place as the release does for backbone family ``kind`` (facts Sec. 1.1).
+    """Initialise ``model`` in place as the release does for backbone family ``kind`` (R1.1).
 
     Convs: Kaiming normal (ReLU gain), fan_out for ResNet/VGG, fan_in for DenseNet, biases zero.
     Linear: ResNet keeps PyTorch's default; VGG N(0, 0.01) weights; VGG and DenseNet zero biases

@@ -143,7 +143,8 @@ def cifar_like(options):
 def make_run(script, argv, bench, mode, loader, images, out, data_options=None):
     """A real ``utils.Run`` of ``script`` (its own ``parse_args``) on the synthetic set; returns (run, args)."""
     argv = [*argv, "--dataset", "synthetic", "--device", bench.device, "--batch-size", str(bench.batch_size),
-            "--loader", loader, "--workers", str(bench.workers), "--epochs", "1", "--no-progress",
+            "--loader", loader, "--workers", str(bench.workers), "--threads", str(torch.get_num_threads()),
+            "--epochs", "1", "--no-progress",
             "--out", out, "--run-name", f"{loader}-{mode['name']}-{time.monotonic_ns()}"]
     argv += ["--amp", mode["amp"]] if mode["amp"] else []
     argv += ["--channels-last"] if mode["channels_last"] else []

@@ -25,7 +25,7 @@ usage() {
 usage: $(basename "$0") [options] [-- extra training flags]
 
   --data-root DIR      dataset folder                               [DATA_ROOT, default ./data]
-  --out DIR            output root; runs go to DIR/<experiment>/    [OUT, default runs]
+  --out DIR            output root; runs go to DIR/<experiment>/    [OUT, default runs; with --smoke runs-smoke]
   --seeds "0 1 2"      seeds                                        [SEEDS, default "$DEFAULT_SEEDS"]
   --gpus "0 1"         GPU ids, one run per id at a time            [GPUS, default all visible]
   --ngpus N            shorthand for --gpus "0 1 ... N-1"           [NGPUS]
@@ -58,14 +58,14 @@ setup() {
   SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
   DEFAULT_SEEDS="${DEFAULT_SEEDS:-0 1 2}"
   DEFAULT_GPUS_PER_RUN="${DEFAULT_GPUS_PER_RUN:-1}"
-  DATA_ROOT="${DATA_ROOT:-}" OUT="${OUT:-runs}" SEEDS="${SEEDS:-$DEFAULT_SEEDS}"
+  DATA_ROOT="${DATA_ROOT:-}" OUT="${OUT:-}" SEEDS="${SEEDS:-$DEFAULT_SEEDS}"
   GPUS="${GPUS:-}" NGPUS="${NGPUS:-}" GPUS_PER_RUN="${GPUS_PER_RUN:-$DEFAULT_GPUS_PER_RUN}"
   EPOCHS="${EPOCHS:-}" SMOKE="${SMOKE:-0}" DRY_RUN="${DRY_RUN:-0}" EXTRA=()
   SLURM=() # launch.py's Slurm options, as given
   while (($#)); do
     case "$1" in
       --data-root|--out|--seeds|--gpus|--ngpus|--gpus-per-run|--epochs)
-        (($# >= 2)) || die "$1 needs a value"
+        (($# >= 2)) && [[ "$2" != --* ]] || die "$1 needs a value"
         case "$1" in
           --data-root) DATA_ROOT="$2" ;; --out) OUT="$2" ;; --seeds) SEEDS="$2" ;;
           --gpus) GPUS="$2" ;; --ngpus) NGPUS="$2" ;; --gpus-per-run) GPUS_PER_RUN="$2" ;;
@@ -112,6 +112,10 @@ setup() {
   [[ -z "$EPOCHS" || "$EPOCHS" =~ ^[1-9][0-9]*$ ]] || die "--epochs must be a positive integer, got '$EPOCHS'"
   if [[ "$SMOKE" == 1 ]]; then
     read -r SEEDS _ <<<"$SEEDS"  # one seed
+  fi
+  if [[ -z "$OUT" ]]; then  # smoke runs never share a root with real ones (the launcher also compares flags)
+    OUT=runs
+    [[ "$SMOKE" == 1 ]] && OUT=runs-smoke
   fi
   PLAN="$(mktemp "${TMPDIR:-/tmp}/switokd-plan.XXXXXX")"
   trap 'rm -f "$PLAN"' EXIT

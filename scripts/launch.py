@@ -8,7 +8,9 @@ barrier, each line shell-quoted::
 
 and hand it to this program. For every run it decides:
 
-* ``<out>/<experiment>/<method>/<run-name>/results.json`` exists: finished, skipped;
+* ``<out>/<experiment>/<method>/<run-name>/results.json`` says ``"status": "finished"``: skipped;
+* its results.json records other flags than the plan's (a smoke or ``--epochs`` run of the
+  same name, say): neither skipped nor resumed, reported with the flags that differ;
 * ``last.pt`` exists there: interrupted, continued with ``--resume``;
 * otherwise started fresh.
 
@@ -17,7 +19,9 @@ Runs between two barriers are independent and run in parallel, one per GPU slot
 a barrier waits for every run before it (e.g. KD waits for its pretrained teacher).
 Each run's output goes to ``<out>/<experiment>/logs/<method>-<run-name>.log``.
 A run listed twice with the same flags (a figure script that names the runs of a table
-it reads) runs once; listed twice with other flags, it is an error.
+it reads) runs once; listed twice with other flags, it is an error. A run that another
+process trains (its directory's lock is held: a second launcher on the same plan) is
+waited for, then skipped if that process finished it.
 
 ``--slurm`` submits the runs as Slurm jobs instead, one per run, a job array per phase,
 through submitit, with the same semantics (scripts/slurm_backend.py): ``--partition``,
@@ -41,6 +45,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
+import json
 import os
 import runpy
 import shlex
@@ -119,7 +125,10 @@ def read_plan(text: str) -> list[list[Job]]:
     phases: list[list[Job]] = [[]]
     seen: dict[tuple, tuple] = {}  # (experiment, method, name) -> (line number, flags)
     for number, line in enumerate(text.splitlines(), 1):
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as e:  # an unbalanced quote
+            raise PlanError(f"plan line {number}: {e} in {line!r}") from None
         if not words:
             continue
         if words == ["barrier"]:
@@ -201,11 +210,66 @@ def command(job: Job, opts, resume: bool) -> list[str]:
 
 
 def status(job: Job, out: Path) -> str:
-    """finished, interrupted (has last.pt) or new."""
+    """finished (its results.json says so), interrupted (it has last.pt) or new."""
     run_dir = job.run_dir(out)
-    if (run_dir / "results.json").is_file():
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict) and results.get("status") == "finished":
         return "finished"
     return "interrupted" if (run_dir / "last.pt").is_file() else "new"
+
+
+MAY_DIFFER = ("--resume", "--out", "--run-name", "--data-root", "--download", "--workers", "--device", "--threads",
+              "--no-progress", "--print-every", "--log-interval")
+"""Flags a run may have been started with other values of (as ``--resume`` allows them to change)."""
+
+
+def flag_map(argv: list[str]) -> dict[str, tuple[str, ...]]:
+    """``--flag v1 v2 --switch`` -> {"--flag": ("v1", "v2"), "--switch": ()} (``--flag=v`` as ``--flag v``)."""
+    flags: dict[str, tuple[str, ...]] = {}
+    current = None
+    for word in argv:
+        if word.startswith("--"):
+            current, _, value = word.partition("=")
+            flags[current] = (value,) if value else ()
+        elif current is not None:
+            flags[current] += (word,)
+    return flags
+
+
+def conflict(job: Job, opts) -> str | None:
+    """Why the run directory holds another experiment than the plan's (its latest recorded command
+    differs in a flag that defines the run), or None."""
+    run_dir = job.run_dir(opts.out)
+    try:
+        recorded = json.loads((run_dir / "results.json").read_text())["invocations"][-1]["command"][1:]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None  # nothing recorded yet (or by an older version): nothing to compare
+    had, plan = flag_map(recorded), flag_map(command(job, opts, resume=False)[1:])
+    differ = [f"{flag} {' '.join(had[flag]) if flag in had else '(not given)'} -> "
+              f"{' '.join(plan[flag]) if flag in plan else '(not given)'}"
+              for flag in dict.fromkeys([*had, *plan]) if flag not in MAY_DIFFER and had.get(flag) != plan.get(flag)]
+    if not differ:
+        return None
+    return (f"{run_dir} holds a run made with other flags than the plan's ({'; '.join(differ)}); "
+            "move it away or give the script another --out")
+
+
+def todo(phase: list[Job], opts, failures: list) -> list[Job]:
+    """The runs of a phase to start or resume: not finished, and not a different run under the same name
+    (reported as failed, with what differs; never skipped as finished nor resumed)."""
+    jobs = []
+    for job in phase:
+        problem = conflict(job, opts)
+        if problem:
+            failures.append((job, "other flags", None))
+            print(f"[{time.strftime('%H:%M:%S')}] FAILED {job.experiment}/{job.method}/{job.name}: {problem}",
+                  flush=True)
+        elif status(job, opts.out) != "finished":
+            jobs.append(job)
+    return jobs
 
 
 # --------------------------------------------------------------------------- GPU slots
@@ -267,16 +331,63 @@ def run_in_process(cmd: list[str], log: Path) -> int:
             sys.argv = saved_argv
 
 
+def held_by(run_dir: Path) -> str | None:
+    """Who holds the run directory's lock (another process training it: utils.RunDirectory), or None.
+
+    Read from /proc/locks where there is one (looking never disturbs a process taking the lock),
+    else by trying the lock for an instant."""
+    lock = run_dir / ".lock"
+    try:
+        st = lock.stat()
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"  # as /proc/locks writes it
+        holder = lock.read_text().strip() or "another process"
+    except OSError:  # no lock file: nobody trains there
+        return None
+    try:
+        table = Path("/proc/locks").read_text().split("\n")
+    except OSError:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return holder
+        return None
+    return holder if any(line.split()[1:2] == ["FLOCK"] and line.split()[5] == key
+                         for line in table if len(line.split()) > 5) else None
+
+
+def next_job(pending: list, opts, waiting: set):
+    """The first pending job no other process holds (removed from ``pending``), or None. A held run
+    is waited for (said once); one that its holder finished meanwhile is dropped."""
+    for job in list(pending):
+        holder = held_by(job.run_dir(opts.out))
+        if holder:
+            if id(job) not in waiting:
+                waiting.add(id(job))
+                print(f"[{time.strftime('%H:%M:%S')}] wait  {job.experiment}/{job.method}/{job.name}: in use by "
+                      f"{holder}", flush=True)
+            continue
+        pending.remove(job)
+        if status(job, opts.out) == "finished":  # finished by the process we waited for
+            print(f"[{time.strftime('%H:%M:%S')}] done  {job.experiment}/{job.method}/{job.name} "
+                  "(by another process)", flush=True)
+            continue
+        return job
+    return None
+
+
 def run_phase(jobs, opts, slots, failures) -> None:
-    """Run one phase's jobs, at most one per slot at a time."""
-    pending = list(jobs)
+    """Run one phase's jobs, at most one per slot at a time; a run another process trains is waited for."""
+    pending, waiting = list(jobs), set()
     running: dict[int, tuple] = {}  # slot index -> (process, job, log file)
     try:
         while pending or running:
             for index, slot in enumerate(slots):
                 if index in running or not pending:
                     continue
-                job = pending.pop(0)
+                job = next_job(pending, opts, waiting)
+                if job is None:
+                    break
                 cmd, log = start(job, opts, slot)
                 if opts.in_process:
                     code = run_in_process(cmd, log)
@@ -296,7 +407,7 @@ def run_phase(jobs, opts, slots, failures) -> None:
                     handle.close()
                     report(job, process.returncode, Path(handle.name), failures)
                     del running[index]
-            if running:
+            if running or pending:
                 time.sleep(0.5)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the runs as Ctrl-C would (they keep their last epoch)
         for process, _, _ in running.values():
@@ -340,7 +451,10 @@ def dry_run(phases, opts, slots) -> None:
         if number:
             print("# --- wait for the runs above")
         for i, job in enumerate(phase):
-            state = status(job, opts.out)
+            state, problem = status(job, opts.out), conflict(job, opts)
+            if problem:
+                print(f"# not run: {problem}")
+                continue
             if state == "finished":
                 print(f"# finished, skipped: {job.run_dir(opts.out)}")
                 continue
@@ -439,19 +553,24 @@ def main(argv=None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     signal.signal(signal.SIGTERM, interrupt)
     failures: list = []
-    todo = sum(status(job, opts.out) != "finished" for phase in phases for job in phase)
+    remaining = sum(status(job, opts.out) != "finished" for phase in phases for job in phase)
     total = sum(len(phase) for phase in phases)
-    print(f"{total} runs, {total - todo} finished already; {len(slots)} at a time", flush=True)
+    print(f"{total} runs, {total - remaining} finished already; {len(slots)} at a time", flush=True)
     try:
         for phase in phases:
-            run_phase([job for job in phase if status(job, opts.out) != "finished"], opts, slots, failures)
+            run_phase(todo(phase, opts, failures), opts, slots, failures)
     except KeyboardInterrupt:
         print("interrupted; run the script again to resume", file=sys.stderr)
         return 130
     for job, code, log in failures:
-        print(f"failed ({exit_text(code)}): {job.run_dir(opts.out)}  log: {log}", file=sys.stderr)
+        print(f"failed ({exit_text(code)}): {job.run_dir(opts.out)}" + (f"  log: {log}" if log else ""),
+              file=sys.stderr)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

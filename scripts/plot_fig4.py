@@ -7,8 +7,9 @@ Panels: (a) test accuracy of student and teacher per epoch, the gap between them
 (b) their test loss; (c) the student's CE and KL training losses (epoch means); (d) the
 L1 norms of Eqn. (1) and Table 1, G = ||p_s - p_t||_1 and ||p_s - y||_1, and the switching
 threshold delta of Eqn. (13), per iteration (moving average), over the colour bar of the
-switching: cyan = learning mode, magenta = expert mode (one stripe per iteration). A KDCL run given with --compare is drawn dashed
-in (a)-(c). A run with ``--r-form ratio`` gives Fig. 4(e), the paper's default 4(f).
+switching: cyan = learning mode, magenta = expert mode (one stripe per iteration). A KDCL run
+given with --compare is drawn dashed in (a)-(c). A run with ``--r-form ratio`` gives Fig.
+4(e), the paper's default 4(f).
 """
 from __future__ import annotations
 

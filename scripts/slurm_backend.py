@@ -194,14 +194,22 @@ def sbatch_flags(text: str | None) -> dict:
     return flags
 
 
+CPUS_PER_GPU = 8
+"""CPU cores a job asks for per GPU unless ``--sbatch`` says ``--cpus-per-task``: the data loader's
+workers (4 by default) and the training process, with room for a disk-backed set's decoding."""
+
+
 def parameters(opts, jobs: list) -> dict:
     """The sbatch parameters of a phase, by submitit's names (``SlurmExecutor.update_parameters``)."""
     experiments = sorted({job.experiment for job in jobs})
+    extra = sbatch_flags(opts.sbatch)
     params = {"job_name": "-".join(experiments) if len(jobs) > 1 else f"{jobs[0].experiment}-{jobs[0].name}",
               "time": opts.time, "nodes": 1, "ntasks_per_node": 1, "signal_delay_s": SIGNAL_DELAY_S,
               "partition": opts.partition, "account": opts.account,
               "gpus_per_node": None if opts.smoke else opts.gpus_per_run,
-              "additional_parameters": sbatch_flags(opts.sbatch) or None}
+              "cpus_per_task": None if "cpus_per_task" in extra else 1 if opts.smoke else
+              CPUS_PER_GPU * opts.gpus_per_run,
+              "additional_parameters": extra or None}
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -321,7 +329,7 @@ def run(phases: list[list], opts, launch) -> int:
     print(f"{total} runs, {total - todo} finished already; one job each through {where}", flush=True)
     try:
         for phase in phases:
-            jobs = [job for job in phase if launch.status(job, opts.out) != "finished"]
+            jobs = launch.todo(phase, opts, failures)
             if jobs:
                 handles = submit_phase(jobs, opts, launch)
                 wait(handles, opts, launch, failures, poll_s=1.0 if opts.slurm_local else 30.0)

@@ -23,9 +23,10 @@ the best test accuracy over training). A table with ``"metric": "error"`` shows 
 "final": PATH}`` reads its two numbers from those dotted paths of results.json instead of a
 network's accuracy (e.g. a cohort's mean accuracy, an ensemble's). Groups that no cell claims are listed after their
 experiment's table, one row per network. A run is finished when its results.json says so
-(``status``); runs with only last.pt are listed as in progress; a results.json that cannot
-be read is skipped with a warning; a run whose accuracy is not finite (a diverged run) is
-excluded from every mean and listed.
+(``status``); other runs (unfinished, interrupted, only last.pt, or killed in their first
+epoch: only args.json) are listed as in progress; a results.json that cannot be read is
+skipped with a warning; a diverged run (its status, or an accuracy that is not finite) is
+excluded from every mean and listed with where it diverged.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -96,7 +98,7 @@ def signature(run: RunRecord) -> str:
                              "rco.anchors", "crd.z")
                 and not k.startswith(("expert_fraction", "paused_fraction", "seconds_per_iteration",
                                       "kdcl.general_weights", "teacher.test_", "provenance", "invocations",
-                                      "settings.device", "measured."))}
+                                      "settings.device", "settings.threads", "measured."))}
     networks = {role: info.get("arch") for role, info in run.results.get("networks", {}).items()}
     return json.dumps([networks, settings], sort_keys=True, default=str)
 
@@ -117,7 +119,12 @@ def progress(run_dir: Path) -> str:
         planned = json.loads((run_dir / "args.json").read_text()).get("epochs")
     except (OSError, ValueError, AttributeError):
         pass
-    return f"epoch {done} of {planned}" if planned else f"epoch {done} (of the recipe's epochs)"
+    try:
+        status = json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    text = f"epoch {done} of {planned}" if planned else f"epoch {done} (of the recipe's epochs)"
+    return f"{text} ({status})" if status in ("interrupted", "stopped", "failed") else text
 
 
 def valid_results(results) -> str | None:
@@ -144,8 +151,10 @@ def is_finished(results: dict) -> bool:
 
 
 def diverged(results: dict) -> bool:
-    return any(isinstance(v, float) and not math.isfinite(v) for info in results["networks"].values()
-               for v in (info.get("best_top1"), info.get("final_top1")))
+    """Its results.json says it diverged, or an accuracy is not finite."""
+    return results.get("status") == "diverged" or any(
+        isinstance(v, float) and not math.isfinite(v) for info in results["networks"].values()
+        for v in (info.get("best_top1"), info.get("final_top1")))
 
 
 def experiment_of(root: Path, run_dir: Path) -> str:
@@ -157,10 +166,10 @@ def experiment_of(root: Path, run_dir: Path) -> str:
 def read_runs(root: Path):
     """(finished runs, in-progress run directories, excluded (run directory, reason)) below ``root``."""
     finished, unfinished, excluded = [], [], []
-    run_dirs = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
+    run_dirs = {p.parent for name in ("results.json", "last.pt", "args.json") for p in root.rglob(name)}
     for run_dir in sorted(run_dirs):
         if not (run_dir / "results.json").is_file():
-            unfinished.append(run_dir)
+            unfinished.append(run_dir)  # interrupted, or killed in its first epoch (args.json only)
             continue
         try:
             results = json.loads((run_dir / "results.json").read_text())
@@ -171,10 +180,10 @@ def read_runs(root: Path):
         if problem:
             print(f"summarize.py: warning: skipping {run_dir / 'results.json'}: {problem}", file=sys.stderr)
             continue
-        if not is_finished(results):
+        if diverged(results):
+            excluded.append((run_dir, f"diverged: {results.get('ended') or 'non-finite accuracy'}"))
+        elif not is_finished(results):
             unfinished.append(run_dir)
-        elif diverged(results):
-            excluded.append((run_dir, "non-finite accuracy (diverged)"))
         else:
             finished.append(RunRecord(run_dir, experiment_of(root, run_dir), results, facets(results)))
     return finished, unfinished, excluded
@@ -463,7 +472,12 @@ def main(argv=None) -> int:
     if not args.root.is_dir():
         print(f"summarize.py: error: no folder {args.root}", file=sys.stderr)
         return 2
-    tables = json.loads(args.published.read_text())["tables"]
+    try:
+        tables = json.loads(args.published.read_text())["tables"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"summarize.py: error: cannot read the published numbers {args.published} ({type(e).__name__})",
+              file=sys.stderr)
+        return 2
     runs, unfinished, excluded = read_runs(args.root)
     if args.runs:
         rows = list(run_rows(args.root, runs))
@@ -489,4 +503,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

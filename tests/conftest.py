@@ -1,9 +1,19 @@
 """What several test files share."""
 import contextlib
+import os
 
-import pytest
+# One CPU thread for every run of the suite (utils.default_threads reads it; subprocesses inherit it):
+# the tiny networks gain nothing from more, and the suite's time must not depend on the machine's load.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-import utils
+import pytest  # noqa: E402
+
+import utils  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped with the reason elsewhere; "
+                                       "python -m pytest -m cuda runs only these)")
 
 
 @contextlib.contextmanager

@@ -214,6 +214,7 @@ def test_missing_dataset_is_one_clear_error(name, tmp_path):
     assert "\n" not in message and name in message and str(tmp_path / "nowhere") in message
     assert "--download" in message
     assert ("cannot be downloaded" in message) == (name == "imagenet")
+    assert ("imagenet/train/<class>" in message) == (name == "imagenet")
 
 
 def test_tinyimagenet_download_failure_is_reported(tmp_path, monkeypatch):
@@ -306,13 +307,15 @@ def test_tinyimagenet_undecodable_image_names_the_file(tiny_root):
 
 
 def test_imagenet_undecodable_image_names_the_file(tmp_path):
+    base = tmp_path / "imagenet"  # README's layout: DATA_ROOT/imagenet/{train,val}/<class>/
     for split in ("train", "val"):
         for k in range(2):
-            (tmp_path / split / f"c{k}").mkdir(parents=True)
-            Image.new("RGB", (40, 30), (90 * k, 0, 0)).save(tmp_path / split / f"c{k}" / "a.JPEG")
-    bad = tmp_path / "val" / "c1" / "b.JPEG"
+            (base / split / f"c{k}").mkdir(parents=True)
+            Image.new("RGB", (40, 30), (90 * k, 0, 0)).save(base / split / f"c{k}" / "a.JPEG")
+    bad = base / "val" / "c1" / "b.JPEG"
     bad.write_bytes(b"\xff\xd8\xff truncated")
     bundle = datasets.build("imagenet", root=tmp_path)
+    assert bundle.source == str(base) and len(bundle.train) == 2
     assert bundle.test[1][0].shape == (3, 224, 224)
     with pytest.raises(datasets.DatasetNotFoundError, match=f"^cannot read image {bad}: "):
         bundle.test[2]

@@ -3,7 +3,7 @@
 Each ``released_*`` function below replays what a released training script does in one
 iteration (its distances, its decision, its losses, its backward passes and optimiser
 steps, in its order), written from the released code's behaviour
-(../shared/reference/official-code-facts.md and the scripts' main.py). From the same
+(docs/FIDELITY.md and the scripts' main.py). From the same
 initial weights and the same batches, the repository's ``train_step`` under the official
 settings must take the same modes and reach the same losses and weights, to float noise
 (the losses are computed from float32 logits, as under autocast; over eight iterations,

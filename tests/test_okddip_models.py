@@ -1,5 +1,5 @@
 """OKDDip-paper networks (models/okddip.py): parameter counts against table 1.9 of
-shared/reference/okddip-code-facts.md, output layout, attention, ONE gate, ILR, deployment."""
+docs/OKDDIP.md R1.9, output layout, attention, ONE gate, ILR, deployment."""
 import copy
 
 import pytest
@@ -10,7 +10,7 @@ import models
 from models.okddip import (BACKBONES, METHODS, BranchOutput, ScaleGradient, build_branched, build_network_based,
                            build_okddip, build_okddip_backbone, okddip_names)
 
-# facts table 1.9, C = 100, m = 4: baseline, OKDDip BB, ONE, CL-ILR, Ind, network-based OKDDip
+# R1.9, C = 100, m = 4: baseline, OKDDip BB, ONE, CL-ILR, Ind, network-based OKDDip
 TABLE_1_9 = {
     "resnet32": (472_756, 1_554_272, 1_553_388, 1_553_248, 1_553_388, 1_892_048),
     "resnet110": (1_170_868, 3_874_016, 3_858_156, 3_857_632, 3_858_156, 4_699_856),
@@ -23,7 +23,7 @@ COLUMNS = ("baseline",) + METHODS + ("okddip-net",)
 EXPECTED_100 = {f"{method}:{backbone}": row[i]
                 for backbone, row in TABLE_1_9.items() for i, method in enumerate(COLUMNS)}
 EXPECTED_100.update({f"{method}:densenet40_12-shared": n for method, n in DENSENET_SHARED.items()})
-# facts Sec. 1.8, C = 1000 (the network-based row is 4 baselines + query/key 2 * 512 * 64)
+# R1.8, C = 1000 (the network-based row is 4 baselines + query/key 2 * 512 * 64)
 IMAGENET_1000 = {"baseline:resnet18": 11_689_512, "baseline:resnet34": 21_797_672, "okddip:resnet34": 83_212_512,
                  "one:resnet34": 83_147_500, "ind:resnet34": 83_147_500, "clilr:resnet34": 83_146_976,
                  "okddip-net:resnet34": 4 * 21_797_672 + 65_536}
@@ -40,7 +40,7 @@ def build_meta(num_classes, **kwargs):
 
 
 def kl_t(teacher, student, T=3.0):
-    """utils.KL_Loss of the release (facts Sec. 0): nothing detached."""
+    """utils.KL_Loss of the release (docs/OKDDIP.md R0): nothing detached."""
     p = F.softmax(teacher / T, dim=1) + 1e-7
     return T * T * (p * (p.log() - F.log_softmax(student / T, dim=1))).sum(1).mean()
 

@@ -1,7 +1,7 @@
 """The OKDDip-family scripts (train_okddip.py, train_one.py) and DML's OKDDip form: the release's KL,
 ramp-up, attention targets, gate, ILR, every loss and the diversity measure against hand computations;
 the okddip recipe's schedule; the model names of the registry; each method end to end with exact resume.
-The specification is shared/reference/okddip-code-facts.md ("facts Sec. x")."""
+The specification is the release as docs/OKDDIP.md states it ("R x": its last section)."""
 import copy
 import csv
 import io

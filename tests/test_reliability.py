@@ -74,9 +74,11 @@ def test_resume_finds_a_moved_run_under_its_spelled_out_name(tmp_path, interrupt
     assert results["status"] == "finished" and [i["from_epoch"] for i in results["invocations"]] == [0, 1]
 
 
-def test_resume_without_a_previous_run_says_so(tmp_path, capsys):
-    switokd(tmp_path, "--resume")
-    assert "no last.pt" in capsys.readouterr().err
+def test_resume_without_a_previous_run_refuses_and_leaves_nothing(tmp_path, capsys):
+    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path), "--run-name", "r",
+                      "--resume")
+    assert code == 2 and len(lines) == 1 and "no run to continue" in lines[0] and "no last.pt" in lines[0]
+    assert not (tmp_path / "switokd" / "r").exists()
 
 
 def test_resume_refuses_another_methods_checkpoint(tmp_path, capsys):
@@ -99,10 +101,12 @@ def test_finished_run_resumed_after_a_crash_rebuilds_its_files(tmp_path, monkeyp
         switokd(tmp_path, epochs=2)
     monkeypatch.undo()
     run_dir = tmp_path / "switokd" / "r"
-    assert not (run_dir / "results.json").exists() and not (run_dir / "switching.npz").exists()
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "unfinished"  # written each epoch
+    assert not (run_dir / "switching.npz").exists()
     before = (run_dir / "last.pt").read_bytes()
     results = switokd(tmp_path, "--resume", epochs=2)
     assert (run_dir / "last.pt").read_bytes() == before  # nothing trained, nothing rewritten
+    assert results["status"] == json.loads((run_dir / "results.json").read_text())["status"] == "finished"
     trace = np.load(run_dir / "switching.npz")
     assert trace["epoch"].tolist() == [1, 1, 2, 2] and results["iterations"] == 4 and results["epochs"] == 2
 
