@@ -546,9 +546,20 @@ def atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise UsageError(f"cannot write {path}: {cause}") from None
+        raise UsageError(f"cannot write {path}: {full_disk(path.parent) or cause}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def full_disk(folder: Path) -> str | None:
+    """'no space left on device' (or '... no free inodes') when the file system of ``folder`` is full."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_files and fs.f_favail == 0:
+        return "no space left on device (no free inodes)"
+    return "no space left on device" if fs.f_bavail * fs.f_frsize < 2**20 else None
 
 
 def save_json(path: Path, obj) -> None:

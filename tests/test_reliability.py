@@ -219,6 +219,21 @@ def test_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch, "save", full)
     code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path))
     assert code == 2 and len(lines) == 1 and "cannot write" in lines[0] and ".pt" in lines[0], lines
+    statvfs = os.statvfs(tmp_path)
+    for free_blocks, free_inodes, words in ((0, 100, "no space left on device"), (10**6, 0, "no free inodes")):
+        values = list(statvfs)
+        values[4], values[7] = free_blocks, free_inodes  # f_bavail, f_favail
+        monkeypatch.setattr(os, "statvfs", lambda path, v=values: os.statvfs_result(v))
+        code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / f"full{free_inodes}"))
+        assert code == 2 and len(lines) == 1 and words in lines[0] and str(tmp_path) in lines[0], lines
+
+
+def test_out_of_inodes_when_making_the_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    def no_inodes(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "mkdir", no_inodes)
+    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / "runs"))
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0] and "runs" in lines[0], lines
 
 
 def test_stale_temporaries_are_cleaned_at_start(tmp_path):
