@@ -42,6 +42,17 @@ def interrupted_after():
 
 
 @pytest.fixture
+def cli(capsys):
+    """``cli(main, *argv)``: a script's ``main`` run under ``utils.main_guard`` in this process, as its
+    ``__main__`` runs it; returns (exit status, the non-empty stderr lines)."""
+    def run(main, *argv):
+        with pytest.raises(SystemExit) as stop:
+            utils.main_guard(lambda: main(list(argv)))
+        return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return run
+
+
+@pytest.fixture
 def loaded_teacher(monkeypatch):
     """A dict that gets ``"teacher"``: the network ``train_kd.load_teacher`` returns during the test."""
     import train_kd

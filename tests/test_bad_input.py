@@ -23,7 +23,6 @@ import train_okddip
 import train_one
 import train_switokd
 import train_vanilla
-import utils
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -108,18 +107,11 @@ def checkpoints(tmp_path_factory):
     return {"teacher": str(root / "vanilla" / "t"), "multi": str(multi)}
 
 
-def run_main(capsys, main, argv):
-    """``main(argv)`` under ``utils.main_guard``, as the script's __main__ runs it: (exit status, stderr lines)."""
-    with pytest.raises(SystemExit) as stop:
-        utils.main_guard(lambda: main(argv))
-    return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
-
 @pytest.mark.parametrize("script,flags,code,words", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
-def test_training_scripts(script, flags, code, words, tmp_path, capsys, checkpoints):
+def test_training_scripts(script, flags, code, words, tmp_path, cli, checkpoints):
     module, valid = SCRIPTS[script]
     argv = [a.format(**checkpoints) for a in [*DATA, *valid, *flags]] + ["--out", str(tmp_path / "out")]
-    status, lines = run_main(capsys, module.main, argv)
+    status, lines = cli(module.main, *argv)
     assert status == code and len(lines) == 1 and words in lines[0], lines
     assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
 
@@ -146,16 +138,16 @@ EVALUATE = [
 
 
 @pytest.mark.parametrize("flags,words", EVALUATE, ids=[" ".join(f) for f, _ in EVALUATE])
-def test_evaluate(flags, words, runs, capsys):
-    status, lines = run_main(capsys, evaluate.main, [f.format(root=runs) for f in flags])
+def test_evaluate(flags, words, runs, cli):
+    status, lines = cli(evaluate.main, *[f.format(root=runs) for f in flags])
     assert status == 2 and len(lines) == 1 and words in lines[0], lines
 
 
-def test_evaluate_names_a_corrupt_image(runs, capsys):
+def test_evaluate_names_a_corrupt_image(runs, cli):
     folder = runs / "images"
     (folder / "3").mkdir(parents=True)  # one class of the ten, named by its index
     (folder / "3" / "a.png").write_bytes(b"\x89PNG not really")
-    status, lines = run_main(capsys, evaluate.main, [str(runs / "vanilla" / "ok"), "--image-folder", str(folder),
+    status, lines = cli(evaluate.main, *[str(runs / "vanilla" / "ok"), "--image-folder", str(folder),
                                                      "--workers", "0"])
     assert status == 2 and len(lines) == 1 and "cannot read image" in lines[0] and "a.png" in lines[0], lines
 

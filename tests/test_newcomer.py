@@ -19,11 +19,6 @@ TINY = ["--dataset", "synthetic", "--train-subset", "32", "--test-subset", "16",
         "--workers", "0"]
 
 
-def cli(capsys, main, *argv):
-    with pytest.raises(SystemExit) as stop:
-        utils.main_guard(lambda: main(list(argv)))
-    return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
 
 def test_kd_run_names_say_which_teacher():
     names = {utils.default_run_name(train_kd.parse_args(["--teacher-ckpt", path, "--student", "resnet20"]),
@@ -32,17 +27,17 @@ def test_kd_run_names_say_which_teacher():
     assert len(names) == 3 and any("-t2-" in n for n in names) and any("t1.last" in n for n in names)
 
 
-def test_resume_with_its_flags_left_out_names_them_before_any_data_loads(tmp_path, capsys):
+def test_resume_with_its_flags_left_out_names_them_before_any_data_loads(cli, tmp_path):
     train_switokd.main([*TINY, "--student", "wrn_10_1", "--teacher", "wrn_10_1", "--epochs", "1", "--no-progress",
                         "--out", str(tmp_path), "--run-name", "r"])
-    code, lines = cli(capsys, train_switokd.main, "--resume", "--out", str(tmp_path), "--run-name", "r",
+    code, lines = cli(train_switokd.main, "--resume", "--out", str(tmp_path), "--run-name", "r",
                       "--data-root", str(tmp_path / "no-data"))  # the defaults: CIFAR-100, which is not there
     assert code == 2 and len(lines) == 1 and "--dataset synthetic -> cifar100" in lines[0], lines
     assert "--student wrn_10_1 -> mobilenetv2_0.5" in lines[0] and "args.json" in lines[0]
 
 
-def test_a_misspelt_network_is_named_before_any_data_loads(tmp_path, capsys):
-    code, lines = cli(capsys, train_vanilla.main, "--model", "resnt20", "--dataset", "cifar100", "--data-root",
+def test_a_misspelt_network_is_named_before_any_data_loads(cli, tmp_path):
+    code, lines = cli(train_vanilla.main, "--model", "resnt20", "--dataset", "cifar100", "--data-root",
                       str(tmp_path / "no-data"), "--out", str(tmp_path))
     assert code == 2 and "unknown model 'resnt20'" in lines[0] and not (tmp_path / "no-data").exists()
 

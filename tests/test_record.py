@@ -27,11 +27,6 @@ def switokd(out, *flags, name="r"):
     return train_switokd.main([*TINY, *PAIR, "--out", str(out), "--run-name", name, *flags])
 
 
-def cli(capsys, main, *argv):
-    with pytest.raises(SystemExit) as stop:
-        utils.main_guard(lambda: main(list(argv)))
-    return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
 
 def results_of(run_dir):
     return json.loads((run_dir / "results.json").read_text())
@@ -64,7 +59,7 @@ def test_an_extended_interrupted_run_says_so(tmp_path, interrupted_after):
     assert not finished and unfinished == [run_dir]
 
 
-def test_ctrl_c_is_written_into_the_record(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_is_written_into_the_record(cli, tmp_path, monkeypatch):
     real = utils.Run.end_epoch
 
     def stop_after_two(self, *args, **kwargs):
@@ -73,7 +68,7 @@ def test_ctrl_c_is_written_into_the_record(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return row
     monkeypatch.setattr(utils.Run, "end_epoch", stop_after_two)
-    code, lines = cli(capsys, train_switokd.main, *TINY, *PAIR, "--epochs", "3", "--out", str(tmp_path),
+    code, lines = cli(train_switokd.main, *TINY, *PAIR, "--epochs", "3", "--out", str(tmp_path),
                       "--run-name", "r")
     assert code == 130 and "last.pt keeps epoch 2" in lines[-1]
     results = results_of(tmp_path / "switokd" / "r")
@@ -87,9 +82,9 @@ DIVERGING = ["--dataset", "digits", "--train-subset", "64", "--batch-size", "64"
              "--epochs", "4", "--workers", "0", "--no-progress"]
 
 
-def test_non_finite_weights_stop_the_run_and_never_reach_last_pt(tmp_path, capsys):
+def test_non_finite_weights_stop_the_run_and_never_reach_last_pt(cli, tmp_path):
     """The issue's command: it used to exit 0, "finished", with NaN weights."""
-    code, lines = cli(capsys, train_vanilla.main, *DIVERGING, "--model", "wrn_10_1", "--out", str(tmp_path),
+    code, lines = cli(train_vanilla.main, *DIVERGING, "--model", "wrn_10_1", "--out", str(tmp_path),
                       "--run-name", "v")
     run_dir = tmp_path / "vanilla" / "v"
     assert code == 3 and len(lines) == 1 and "non-finite" in lines[0] and "epoch" in lines[0], lines
@@ -106,8 +101,8 @@ def test_non_finite_weights_stop_the_run_and_never_reach_last_pt(tmp_path, capsy
     assert not unfinished and [d for d, _ in excluded] == [run_dir] and "diverged" in excluded[0][1]
 
 
-def test_dml_never_saves_infinite_weights(tmp_path, capsys):
-    code, lines = cli(capsys, train_dml.main, *DIVERGING, "--models", "wrn_10_1", "wrn_10_1", "--out", str(tmp_path),
+def test_dml_never_saves_infinite_weights(cli, tmp_path):
+    code, lines = cli(train_dml.main, *DIVERGING, "--models", "wrn_10_1", "wrn_10_1", "--out", str(tmp_path),
                       "--run-name", "d")
     assert code == 3, lines
     last = tmp_path / "dml" / "d" / "last.pt"
@@ -116,7 +111,7 @@ def test_dml_never_saves_infinite_weights(tmp_path, capsys):
             assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
-def test_a_non_finite_test_loss_stops_the_run(tmp_path, capsys, monkeypatch):
+def test_a_non_finite_test_loss_stops_the_run(cli, tmp_path, monkeypatch):
     real = utils.Run.evaluate
 
     def poisoned(self, *args, **kwargs):
@@ -125,7 +120,7 @@ def test_a_non_finite_test_loss_stops_the_run(tmp_path, capsys, monkeypatch):
             metrics["teacher"]["loss"] = float("inf")
         return metrics
     monkeypatch.setattr(utils.Run, "evaluate", poisoned)
-    code, lines = cli(capsys, train_switokd.main, *TINY, *PAIR, "--epochs", "3", "--out", str(tmp_path),
+    code, lines = cli(train_switokd.main, *TINY, *PAIR, "--epochs", "3", "--out", str(tmp_path),
                       "--run-name", "r")
     assert code == 3 and "non-finite test loss of teacher at the end of epoch 2" in lines[0]
     assert "last.pt keeps epoch 1" in lines[0]
@@ -220,7 +215,7 @@ def test_evaluate_gives_each_file_its_own_row(tmp_path, capsys):
     assert "warning: evaluating on digits networks trained on synthetic" in capsys.readouterr().err
 
 
-def test_evaluate_an_image_folder_of_some_digits(tmp_path, capsys):
+def test_evaluate_an_image_folder_of_some_digits(tmp_path):
     """Folders named by class index, a subset of the classes: digits has no class names."""
     from PIL import Image
     train_vanilla.main(["--dataset", "digits", "--train-subset", "32", "--test-subset", "16", "--batch-size", "16",

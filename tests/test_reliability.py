@@ -31,30 +31,24 @@ def switokd(tmp_path, *flags, epochs=1, name="r"):
     return train_switokd.main([*TINY, "--epochs", str(epochs), "--out", str(tmp_path), "--run-name", name, *flags])
 
 
-def cli(capsys, main, *argv):
-    """Run a script's main under main_guard in-process; returns (exit status, stderr lines)."""
-    with pytest.raises(SystemExit) as stop:
-        utils.main_guard(lambda: main(list(argv)))
-    return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
 
 # --------------------------------------------------------------------------- resume
 
-def test_resume_refuses_a_changed_method_flag(tmp_path, capsys, interrupted_after):
+def test_resume_refuses_a_changed_method_flag(cli, tmp_path, interrupted_after):
     with interrupted_after(1):
         switokd(tmp_path, "--teacher-loss", "independent", epochs=2)
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
                       "--resume")
     assert code == 2 and len(lines) == 1
     assert "--teacher-loss independent -> reciprocal" in lines[0]
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
                       "--resume", "--teacher-loss", "independent", "--tau", "2")
     assert code == 2 and "--tau 1.0 -> 2.0" in lines[0] and "teacher-loss" not in lines[0]
 
 
-def test_resume_extends_with_more_epochs_and_refuses_fewer(tmp_path, capsys):
+def test_resume_extends_with_more_epochs_and_refuses_fewer(cli, tmp_path):
     switokd(tmp_path, epochs=2)
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path), "--run-name", "r",
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path), "--run-name", "r",
                       "--resume")
     assert code == 2 and "--epochs 1 is below the 2" in lines[0]
     results = switokd(tmp_path, "--resume", epochs=3)
@@ -74,19 +68,19 @@ def test_resume_finds_a_moved_run_under_its_spelled_out_name(tmp_path, interrupt
     assert results["status"] == "finished" and [i["from_epoch"] for i in results["invocations"]] == [0, 1]
 
 
-def test_resume_without_a_previous_run_refuses_and_leaves_nothing(tmp_path, capsys):
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path), "--run-name", "r",
+def test_resume_without_a_previous_run_refuses_and_leaves_nothing(cli, tmp_path):
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path), "--run-name", "r",
                       "--resume")
     assert code == 2 and len(lines) == 1 and "no run to continue" in lines[0] and "no last.pt" in lines[0]
     assert not (tmp_path / "switokd" / "r").exists()
 
 
-def test_resume_refuses_another_methods_checkpoint(tmp_path, capsys):
+def test_resume_refuses_another_methods_checkpoint(cli, tmp_path):
     switokd(tmp_path)
     import train_dml
     (tmp_path / "dml").mkdir()
     os.rename(tmp_path / "switokd" / "r", tmp_path / "dml" / "r")
-    code, lines = cli(capsys, train_dml.main, "--models", "wrn_10_1", "wrn_10_1", *TINY[:10], "--epochs", "1",
+    code, lines = cli(train_dml.main, "--models", "wrn_10_1", "wrn_10_1", *TINY[:10], "--epochs", "1",
                       "--out", str(tmp_path), "--run-name", "r", "--resume")
     assert code == 2 and len(lines) == 1 and "not written by dml" in lines[0]
 
@@ -168,7 +162,7 @@ def test_redirected_output_shows_banner_progress_and_epochs(tmp_path):
 
 # --------------------------------------------------------------------------- evaluate.py
 
-def test_evaluate_reproduces_the_recorded_accuracy(tmp_path, capsys):
+def test_evaluate_reproduces_the_recorded_accuracy(tmp_path):
     import evaluate
     results = switokd(tmp_path, epochs=2)
     run_dir = tmp_path / "switokd" / "r"
@@ -195,44 +189,44 @@ def test_evaluate_reproduces_the_recorded_accuracy(tmp_path, capsys):
     (["--fixed-delta", "-1"], "--fixed-delta"), (["--fixed-delta", "nan"], "--fixed-delta"), (["--tau", "nan"], "--tau"),
     (["--teacher-los", "independent"], "--teacher-los"), (["--seed", "x"], "--seed"), (["--workers", "-1"], "--workers"),
 ])
-def test_bad_numbers_and_abbreviations_are_one_line(tmp_path, capsys, flags, named):
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--out", str(tmp_path), *flags)
+def test_bad_numbers_and_abbreviations_are_one_line(cli, tmp_path, flags, named):
+    code, lines = cli(train_switokd.main, *TINY, "--out", str(tmp_path), *flags)
     assert code == 2 and len(lines) == 1 and named in lines[0], lines
 
 
-def test_lam_nan_is_refused(tmp_path, capsys):
-    code, lines = cli(capsys, train_kdcl.main, "--lam", "nan", "--out", str(tmp_path))
+def test_lam_nan_is_refused(cli, tmp_path):
+    code, lines = cli(train_kdcl.main, "--lam", "nan", "--out", str(tmp_path))
     assert code == 2 and len(lines) == 1 and "--lam" in lines[0]
 
 
 @pytest.mark.parametrize("out", ["file", "file/below"])
-def test_unusable_output_folder_is_one_line(tmp_path, capsys, out):
+def test_unusable_output_folder_is_one_line(cli, tmp_path, out):
     (tmp_path / "file").write_text("not a folder")
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / out))
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / out))
     assert code == 2 and len(lines) == 1 and "file" in lines[0], lines
 
 
-def test_full_disk_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+def test_full_disk_is_one_line_naming_the_file(cli, tmp_path, monkeypatch):
     def full(obj, f, *args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                            "data/0: file write failed\nunexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", full)
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path))
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path))
     assert code == 2 and len(lines) == 1 and "cannot write" in lines[0] and ".pt" in lines[0], lines
     statvfs = os.statvfs(tmp_path)
     for free_blocks, free_inodes, words in ((0, 100, "no space left on device"), (10**6, 0, "no free inodes")):
         values = list(statvfs)
         values[4], values[7] = free_blocks, free_inodes  # f_bavail, f_favail
         monkeypatch.setattr(os, "statvfs", lambda path, v=values: os.statvfs_result(v))
-        code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / f"full{free_inodes}"))
+        code, lines = cli(train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / f"full{free_inodes}"))
         assert code == 2 and len(lines) == 1 and words in lines[0] and str(tmp_path) in lines[0], lines
 
 
-def test_out_of_inodes_when_making_the_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
+def test_out_of_inodes_when_making_the_run_folder_is_one_line(cli, tmp_path, monkeypatch):
     def no_inodes(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(Path, "mkdir", no_inodes)
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / "runs"))
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "1", "--out", str(tmp_path / "runs"))
     assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0] and "runs" in lines[0], lines
 
 
@@ -245,20 +239,20 @@ def test_stale_temporaries_are_cleaned_at_start(tmp_path):
     assert not stale.exists()
 
 
-def test_kd_refuses_a_teacher_of_another_dataset(tmp_path, capsys):
+def test_kd_refuses_a_teacher_of_another_dataset(cli, tmp_path):
     import train_kd
     import train_vanilla
     train_vanilla.main(["--dataset", "synthetic", "--train-subset", "16", "--test-subset", "8", "--batch-size", "8",
                         "--workers", "0", "--no-progress", "--epochs", "1", "--model", "wrn_10_1", "--out",
                         str(tmp_path), "--run-name", "t"])
-    code, lines = cli(capsys, train_kd.main, "--dataset", "digits", "--train-subset", "16", "--test-subset", "8",
+    code, lines = cli(train_kd.main, "--dataset", "digits", "--train-subset", "16", "--test-subset", "8",
                       "--student", "wrn_10_1", "--teacher-ckpt", str(tmp_path / "vanilla" / "t"), "--out", str(tmp_path))
     assert code == 2 and len(lines) == 1 and "synthetic" in lines[0] and "digits" in lines[0], lines
 
 
 # --------------------------------------------------------------------------- divergence and locks
 
-def test_non_finite_loss_stops_with_the_iteration_named_and_keeps_last_pt(tmp_path, capsys, monkeypatch):
+def test_non_finite_loss_stops_with_the_iteration_named_and_keeps_last_pt(cli, tmp_path, monkeypatch):
     switokd(tmp_path, epochs=1)
     good = (tmp_path / "switokd" / "r" / "last.pt").read_bytes()
     real = train_switokd.student_loss
@@ -269,7 +263,7 @@ def test_non_finite_loss_stops_with_the_iteration_named_and_keeps_last_pt(tmp_pa
         calls.append(1)
         return (total * float("nan"), ce * float("nan"), kl) if len(calls) == 2 else (total, ce, kl)
     monkeypatch.setattr(train_switokd, "student_loss", poisoned)
-    code, lines = cli(capsys, train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
+    code, lines = cli(train_switokd.main, *TINY, "--epochs", "2", "--out", str(tmp_path), "--run-name", "r",
                       "--resume")
     errors = [line for line in lines if "error:" in line]  # besides the note that the run is extended
     assert code == 3 and len(errors) == 1 and "epoch 2, iteration 2" in errors[0] and "student_ce" in errors[0], lines
